@@ -1,1 +1,3 @@
-pub fn placeholder() {}
+//! Native candle implementations of the architectures bigroc uses.
+
+pub mod adm;
