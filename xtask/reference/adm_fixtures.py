@@ -311,11 +311,12 @@ RESPACINGS = [
     ("linear", 1000, "ddim50"),
     ("linear", 1000, "10"),
     ("linear", 1000, "10,20,30"),
+    ("linear", 1000, "25"),  # a fractional stride that hits .5: Python rounds half to even
     ("linear", 1000, "1000"),
     ("cosine", 1000, "100"),
     ("cosine", 4000, "250"),
     ("cosine", 4000, "ddim100"),
-    ("linear", 100, "7,3,1"),
+    ("linear", 100, "7,3,1"),  # also hits .5
 ]
 
 SCHEDULE_ARRAYS = [
