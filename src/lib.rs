@@ -1,3 +1,4 @@
+pub mod adm;
 pub mod diffusion;
 
 pub fn placeholder() {}

@@ -120,3 +120,53 @@ fn missing_or_misshaped_weight_names_the_key() -> Result<()> {
     assert!(err.contains("time_embed.0.weight"), "{err}");
     Ok(())
 }
+
+/// guided-diffusion's script flags (`create_model`/`create_classifier` with the scripts'
+/// defaults) give the same network configurations in bigroc: starting from bigroc's defaults and
+/// applying only the flags given on the published command lines reproduces the constructor
+/// arguments the reference passes. The presets carry exactly the published configurations.
+#[test]
+fn script_flags_and_presets_match_guided_diffusion_script_util() -> Result<()> {
+    use bigroc::adm::{create_classifier, create_model, preset, ClassifierFlags, ModelFlags};
+    let fx = Fixture::load("adm_script_flags")?;
+    let overlay = |base: serde_json::Value, flags: &serde_json::Value| {
+        let mut base = base;
+        for (k, v) in flags.as_object().unwrap() {
+            assert!(base.get(k).is_some(), "flag --{k} unknown to bigroc");
+            base[k] = v.clone();
+        }
+        base
+    };
+    for case in fx.config["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let flags = &case["flags"];
+        if flags.is_null() {
+            // built directly in the reference (32x32 is outside script_util); presets only
+        } else if case["kind"] == "unet" {
+            let f: ModelFlags = serde_json::from_value(overlay(serde_json::to_value(ModelFlags::default())?, flags))?;
+            let ours = create_model(&f)?;
+            let theirs: UNetConfig = serde_json::from_value(case["config"].clone())?;
+            assert_eq!(ours, theirs, "{name}");
+        } else {
+            let f: ClassifierFlags = serde_json::from_value(overlay(serde_json::to_value(ClassifierFlags::default())?, flags))?;
+            let ours = create_classifier(&f)?;
+            let theirs: EncoderUNetConfig = serde_json::from_value(case["config"].clone())?;
+            assert_eq!(ours, theirs, "{name}");
+        }
+        if !flags.is_null() {
+            println!("{name}: same configuration as guided-diffusion's script_util");
+        }
+        let family = name.split('_').next().unwrap();
+        if let Ok(p) = preset(family) {
+            if case["kind"] == "unet" {
+                assert_eq!(p.unet()?, serde_json::from_value::<UNetConfig>(case["config"].clone())?);
+            } else {
+                assert_eq!(p.classifier()?, serde_json::from_value::<EncoderUNetConfig>(case["config"].clone())?);
+            }
+            println!("preset {family}: matches {name}");
+        } else {
+            assert!(!flags.is_null(), "{name}: no preset '{family}'");
+        }
+    }
+    Ok(())
+}

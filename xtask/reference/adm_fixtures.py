@@ -569,48 +569,126 @@ def trajectory_case(name, method, eta, unet_key, respacing, rescale, seed, scale
 # ---------------------------------------------------------------------------------------------
 # full-size presets (not committed)
 
-FULL_PRESETS = {
+# The published command lines (flags exactly as in guided-diffusion's README / the issue).
+PUBLISHED_FLAGS = {
     "adm128_diffusion": ("unet", dict(
-        image_size=128, in_channels=3, model_channels=256, out_channels=6, num_res_blocks=2,
-        attention_resolutions=[128 // 32, 128 // 16, 128 // 8], dropout=0.0,
-        channel_mult=[1, 1, 2, 3, 4], conv_resample=True, num_classes=1000, num_heads=4,
-        num_head_channels=None, num_heads_upsample=None, use_scale_shift_norm=True,
-        resblock_updown=True, use_new_attention_order=False)),
+        image_size=128, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+        num_heads=4, resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True,
+        class_cond=True)),
     "adm128_classifier": ("encoder", dict(
-        image_size=128, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=2,
-        attention_resolutions=[128 // 32, 128 // 16, 128 // 8], dropout=0.0,
-        channel_mult=[1, 1, 2, 3, 4], conv_resample=True, num_heads=1, num_head_channels=64,
-        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
-        pool="attention")),
+        image_size=128, classifier_width=128, classifier_depth=2,
+        classifier_attention_resolutions="32,16,8", classifier_pool="attention",
+        classifier_resblock_updown=True, classifier_use_scale_shift_norm=True)),
     "adm256_diffusion": ("unet", dict(
-        image_size=256, in_channels=3, model_channels=256, out_channels=6, num_res_blocks=2,
-        attention_resolutions=[256 // 32, 256 // 16, 256 // 8], dropout=0.0,
-        channel_mult=[1, 1, 2, 2, 4, 4], conv_resample=True, num_classes=1000, num_heads=4,
-        num_head_channels=64, num_heads_upsample=None, use_scale_shift_norm=True,
-        resblock_updown=True, use_new_attention_order=False)),
+        image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+        num_heads=4, num_head_channels=64, resblock_updown=True, use_scale_shift_norm=True,
+        learn_sigma=True, class_cond=True)),
     "adm256_classifier": ("encoder", dict(
-        image_size=256, in_channels=3, model_channels=128, out_channels=1000, num_res_blocks=2,
-        attention_resolutions=[256 // 32, 256 // 16, 256 // 8], dropout=0.0,
-        channel_mult=[1, 1, 2, 2, 4, 4], conv_resample=True, num_heads=1, num_head_channels=64,
-        use_scale_shift_norm=True, resblock_updown=True, use_new_attention_order=False,
-        pool="attention")),
-    "cifar10_diffusion": ("unet", dict(
+        image_size=256, classifier_width=128, classifier_depth=2,
+        classifier_attention_resolutions="32,16,8", classifier_pool="attention",
+        classifier_resblock_updown=True, classifier_use_scale_shift_norm=True)),
+    # other flag sets, to pin down the defaults
+    "defaults_64": ("unet", dict()),
+    "defaults_64_classifier": ("encoder", dict()),
+    "misc_64": ("unet", dict(
+        channel_mult="1,2,2", num_heads_upsample=2, attention_resolutions="32", dropout=0.3,
+        use_new_attention_order=True, use_scale_shift_norm=False)),
+}
+
+
+def script_config(kind, flags):
+    """The constructor arguments guided-diffusion's script_util passes for these flags (captured by
+    replacing the model class), in bigroc's config layout."""
+    from guided_diffusion import script_util
+
+    captured = {}
+
+    def capture(**kwargs):
+        captured.update(kwargs)
+        return None
+
+    name = "UNetModel" if kind == "unet" else "EncoderUNetModel"
+    orig = getattr(script_util, name)
+    setattr(script_util, name, capture)
+    try:
+        if kind == "unet":
+            args = script_util.model_and_diffusion_defaults()
+            args.update(flags)
+            keys = th_inspect_args(script_util.create_model)
+            script_util.create_model(**{k: args[k] for k in keys if k in args})
+        else:
+            args = script_util.classifier_defaults()
+            args.update(flags)
+            keys = th_inspect_args(script_util.create_classifier)
+            script_util.create_classifier(**{k: args[k] for k in keys if k in args})
+    finally:
+        setattr(script_util, name, orig)
+    cfg = dict(
+        image_size=captured["image_size"],
+        in_channels=captured["in_channels"],
+        model_channels=captured["model_channels"],
+        out_channels=captured["out_channels"],
+        num_res_blocks=captured["num_res_blocks"],
+        attention_resolutions=list(captured["attention_resolutions"]),
+        dropout=float(captured.get("dropout", 0.0)),
+        channel_mult=[float(m) for m in captured["channel_mult"]],
+        conv_resample=True,
+        num_heads=captured.get("num_heads", 1),
+        num_head_channels=None if captured.get("num_head_channels", -1) == -1 else captured["num_head_channels"],
+        use_scale_shift_norm=captured["use_scale_shift_norm"],
+        resblock_updown=captured["resblock_updown"],
+        use_new_attention_order=captured.get("use_new_attention_order", False),
+    )
+    if kind == "unet":
+        cfg["num_classes"] = captured["num_classes"]
+        nhu = captured.get("num_heads_upsample", -1)
+        cfg["num_heads_upsample"] = None if nhu == -1 else nhu
+    else:
+        cfg["pool"] = captured["pool"]
+    return cfg, args
+
+
+def th_inspect_args(fn):
+    import inspect
+    return inspect.getfullargspec(fn).args
+
+
+def script_flag_fixture():
+    cases = []
+    for name, (kind, flags) in PUBLISHED_FLAGS.items():
+        cfg, args = script_config(kind, flags)
+        cases.append({"name": name, "kind": kind, "flags": flags, "all_flags": args, "config": cfg})
+    for name in ["cifar10_diffusion", "cifar10_classifier"]:
+        kind, cfg = full_presets()[name]
+        cfg = dict(cfg, channel_mult=[float(m) for m in cfg["channel_mult"]])
+        cases.append({"name": name, "kind": kind, "flags": None, "config": cfg})
+    save("adm_script_flags", {"dummy": th.zeros(1)}, {"kind": "script_flags", "cases": cases})
+
+
+def full_presets():
+    presets = {}
+    for name in ["adm128_diffusion", "adm128_classifier", "adm256_diffusion", "adm256_classifier"]:
+        kind, flags = PUBLISHED_FLAGS[name]
+        presets[name] = (kind, script_config(kind, flags)[0])
+    # guided-diffusion's create_model/create_classifier do not support 32x32; the robust-guidance
+    # paper's CIFAR-10 models are built directly (improved-diffusion layout, see the docstring)
+    presets["cifar10_diffusion"] = ("unet", dict(
         image_size=32, in_channels=3, model_channels=128, out_channels=6, num_res_blocks=3,
         attention_resolutions=[32 // 16, 32 // 8], dropout=0.1, channel_mult=[1, 2, 2, 2],
         conv_resample=True, num_classes=10, num_heads=4, num_head_channels=None,
         num_heads_upsample=None, use_scale_shift_norm=True, resblock_updown=False,
-        use_new_attention_order=False)),
-    "cifar10_classifier": ("encoder", dict(
+        use_new_attention_order=False))
+    presets["cifar10_classifier"] = ("encoder", dict(
         image_size=32, in_channels=3, model_channels=32, out_channels=10, num_res_blocks=2,
         attention_resolutions=[32 // 16, 32 // 8], dropout=0.0, channel_mult=[1, 2, 2, 2],
         conv_resample=True, num_heads=1, num_head_channels=64, use_scale_shift_norm=True,
-        resblock_updown=True, use_new_attention_order=False, pool="attention")),
-}
+        resblock_updown=True, use_new_attention_order=False, pool="attention"))
+    return presets
 
 
 def full(out_dir, only):
     os.makedirs(out_dir, exist_ok=True)
-    for i, (name, (kind, cfg)) in enumerate(FULL_PRESETS.items()):
+    for i, (name, (kind, cfg)) in enumerate(full_presets().items()):
         if only and name not in only:
             continue
         th.manual_seed(100 + i)
@@ -650,6 +728,7 @@ def main():
         for i, (name, cfg) in enumerate(ENCODER_CASES.items()):
             encoder_case(name, cfg, seed=10 + i)
         schedules()
+        script_flag_fixture()
         gaussian_case()
         p_sample_case()
         trajectory_case("adm_traj_ddim_eta0", "ddim", 0.0, "unet", "10,0,0", False, 31, 2.0)
