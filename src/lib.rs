@@ -7,14 +7,19 @@
 //! - [`data`], [`output`], [`grid`]: reading image sets, writing results atomically and resumably,
 //!   and grids to look at.
 //!
+//! - [`diffusion`], [`adm`]: OpenAI's guided-diffusion sampler (schedules, respacing, guided
+//!   p_sample and DDIM) and the ADM model configurations.
+//!
 //! The native architectures live in the `bigroc-models` crate.
 
+pub mod adm;
 pub mod calibrate;
 pub mod classifier;
 pub mod convert;
 pub mod data;
 pub mod defaults;
 pub mod device;
+pub mod diffusion;
 pub mod grid;
 pub mod merge;
 pub mod output;
@@ -22,4 +27,3 @@ pub mod progress;
 pub mod refine;
 pub mod shard;
 pub mod weights;
-
