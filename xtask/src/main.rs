@@ -4,6 +4,8 @@
 //! - `fixtures [--full DIR]`: regenerate the committed parity fixtures from the reference packages
 //!   (and, with --full, the full-size random-weight checkpoints that are never committed).
 //! - `static`: build the `bigroc` binary statically linked (glibc, crt-static).
+//! - `bench`: run each workload in bigroc and in the PyTorch reference, print one table of
+//!   throughputs and ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -29,6 +31,21 @@ enum Task {
         /// Only the scripts whose name contains this.
         #[arg(long)]
         only: Option<String>,
+    },
+    /// Time the workloads in bigroc and in the PyTorch reference side by side.
+    Bench {
+        /// Repetitions per workload (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Threads for PyTorch (default: all cores, as bigroc uses).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Only workloads whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+        /// bigroc's device (cpu, cuda).
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Build a statically linked release binary (target/x86_64-unknown-linux-gnu/release/bigroc).
     Static {
@@ -92,6 +109,7 @@ fn main() -> Result<()> {
                 run(&mut cmd)?;
             }
         }
+        Task::Bench { reps, threads, only, device } => bench(&root, reps, threads, only, &device)?,
         Task::Static { features } => {
             let mut cmd = Command::new(env!("CARGO"));
             cmd.args(["build", "--release", "-p", "bigroc", "--target", "x86_64-unknown-linux-gnu"])
@@ -102,6 +120,61 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)?;
         }
+    }
+    Ok(())
+}
+
+/// Runs the reference script (which also writes the shared random weights), then bigroc on the same
+/// weights and shapes, and prints one table.
+fn bench(root: &Path, reps: usize, threads: Option<usize>, only: Option<String>, device: &str) -> Result<()> {
+    let out = root.join("target/bench");
+    let python = match python() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("the PyTorch reference is not available ({e}); nothing to compare against");
+            return Ok(());
+        }
+    };
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let mut cmd = Command::new(&python);
+    cmd.arg(root.join("xtask/reference/bench_refine.py"))
+        .arg("--out")
+        .arg(&out)
+        .args(["--threads", &threads.to_string(), "--reps", &reps.to_string()]);
+    if let Some(o) = &only {
+        cmd.args(["--only", o]);
+    }
+    eprintln!("+ {cmd:?}");
+    let reference = cmd.output().context("running the reference benchmark")?;
+    if !reference.status.success() {
+        bail!("reference benchmark failed: {}", String::from_utf8_lossy(&reference.stderr));
+    }
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&reference.stdout).lines() {
+        let r: serde_json::Value = serde_json::from_str(line).with_context(|| format!("bad reference output: {line}"))?;
+        let name = r["workload"].as_str().unwrap_or_default().trim_start_matches("refine-").to_string();
+        let (batch, size) = (r["batch"].as_u64().unwrap_or(1), r["size"].as_u64().unwrap_or(32));
+        let ours = Command::new(env!("CARGO"))
+            .args(["run", "--quiet", "--release", "-p", "bigroc", "--example", "refine_throughput", "--"])
+            .arg(out.join(format!("{name}.safetensors")))
+            .args([batch.to_string(), size.to_string(), reps.to_string(), device.to_string()])
+            .current_dir(root)
+            .output()
+            .context("running bigroc's side")?;
+        if !ours.status.success() {
+            bail!("bigroc benchmark failed: {}", String::from_utf8_lossy(&ours.stderr));
+        }
+        let o: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&ours.stdout).trim())?;
+        let (theirs_ips, ours_ips) = (r["img_per_s"].as_f64().unwrap_or(0.0), o["img_per_s"].as_f64().unwrap_or(0.0));
+        rows.push(format!(
+            "| refine {name} (batch {batch}, {size}x{size}, 7 L2 steps) | {theirs_ips:.2} | {ours_ips:.2} | {:.2} |",
+            ours_ips / theirs_ips.max(1e-12)
+        ));
+    }
+    println!("| workload | PyTorch {} img/s ({threads} threads) | bigroc img/s ({device}) | bigroc / PyTorch |", "2.15");
+    println!("| --- | --- | --- | --- |");
+    for r in rows {
+        println!("{r}");
     }
     Ok(())
 }
