@@ -1,10 +1,14 @@
 //! `conv2d_const_weight` against candle's `Tensor::conv2d`: forward values, and input gradients against
 //! candle's own autograd (slow but independent code: `conv_transpose2d`) and against a convolution
-//! built from pad/narrow/reshape/matmul whose autograd involves no convolution at all.
+//! built from pad/narrow/reshape/matmul whose autograd involves no convolution at all. Both input
+//! gradient implementations are checked: col2im (what the op uses for f32/f64 on CPU) and the
+//! convolution-only one (CUDA and half precision).
 //!
 //! Errors are max-abs relative: max|ours - reference| / max(max|reference|, 1e-30).
 
-use bigroc_models::conv::{conv2d_const_weight, conv2d_input_grad};
+use bigroc_models::conv::{
+    conv2d_const_weight, conv2d_input_grad, conv2d_input_grad_col2im, conv2d_input_grad_conv,
+};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 /// Deterministic standard-normal-ish values (splitmix64 + Box-Muller), so failures reproduce.
@@ -65,7 +69,10 @@ fn conv2d_by_taps(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Resu
                 .narrow(4, 0, 1)?
                 .squeeze(4)?
                 .reshape((b, c_in, oh * ow))?;
-            let tap = w.narrow(2, i, 1)?.narrow(3, j, 1)?.reshape((1, c_out, c_in))?;
+            let tap = w
+                .narrow(2, i, 1)?
+                .narrow(3, j, 1)?
+                .reshape((1, c_out, c_in))?;
             y = (y + tap.broadcast_as((b, c_out, c_in))?.matmul(&window)?)?;
         }
     }
@@ -87,8 +94,8 @@ fn autograd_input_grad(
         .clone())
 }
 
-/// (kernel, stride, padding) of every convolution in the CIFAR/ImageNet ResNets and ADM, plus a
-/// kernel-larger-than-2p+1 and a stride-3 case for the general formula.
+/// (kernel, stride, padding) of every convolution in the CIFAR/ImageNet ResNets and ADM, plus cases
+/// for the general formulas: no padding, padding wider than the kernel, stride 3.
 const CONVS: &[(usize, usize, usize)] = &[
     (3, 1, 1),
     (3, 2, 1),
@@ -97,6 +104,7 @@ const CONVS: &[(usize, usize, usize)] = &[
     (7, 2, 3),
     (3, 1, 0),
     (5, 3, 1),
+    (1, 2, 1),
 ];
 const SIZES: &[(usize, usize)] = &[(7, 7), (8, 8), (9, 9), (32, 32), (9, 12), (8, 13), (13, 10)];
 
@@ -117,9 +125,20 @@ fn check_all(dtype: DType, tol: f64) -> Result<()> {
             let fwd_err = rel_err(&ours, &expected)?;
 
             let g = randn(seed + 2, expected.dims(), dtype)?;
-            let ours_grad = autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &wt, stride, padding))?;
+            let ours_grad =
+                autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &wt, stride, padding))?;
             let by_taps = autograd_input_grad(&x, &g, |x| conv2d_by_taps(x, &wt, stride, padding))?;
+            // The op uses col2im for f32/f64 on CPU; the convolution-only path (other devices and
+            // dtypes) is checked here directly.
+            let col2im = conv2d_input_grad_col2im(&g, &wt, (h, w), stride, padding)?;
+            let conv = conv2d_input_grad_conv(&g, &wt, (h, w), stride, padding)?;
+            assert_eq!(
+                rel_err(&ours_grad, &col2im)?,
+                0.0,
+                "the op did not use col2im"
+            );
             let taps_err = rel_err(&ours_grad, &by_taps)?;
+            let conv_err = rel_err(&conv, &by_taps)?;
             // candle 0.11.1's conv2d backward sizes its conv_transpose2d output from the height alone,
             // so it fails when the uncovered remainders of height and width differ; require it
             // elsewhere.
@@ -131,15 +150,32 @@ fn check_all(dtype: DType, tol: f64) -> Result<()> {
                 (Err(_), false) => f64::NAN,
             };
             println!(
-                "{dtype:?} k{k} s{stride} p{padding} {h}x{w}: forward {fwd_err:.2e}, grad vs candle autograd {candle_err:.2e}, grad vs tap conv {taps_err:.2e}"
+                "{dtype:?} k{k} s{stride} p{padding} {h}x{w}: forward {fwd_err:.2e}, col2im grad vs candle autograd {candle_err:.2e}, vs tap conv {taps_err:.2e}; conv-path grad vs tap conv {conv_err:.2e}"
             );
             assert!(fwd_err <= tol, "forward error {fwd_err:.3e} > {tol:.0e}");
-            assert!(taps_err <= tol, "gradient error vs tap conv {taps_err:.3e} > {tol:.0e}");
-            assert!(candle_err.is_nan() || candle_err <= tol, "gradient error vs candle {candle_err:.3e}");
-            worst = (worst.0.max(fwd_err), worst.1.max(taps_err.max(candle_err.max(0.0))));
+            assert!(
+                taps_err <= tol,
+                "gradient error vs tap conv {taps_err:.3e} > {tol:.0e}"
+            );
+            assert!(
+                conv_err <= tol,
+                "conv-path gradient error vs tap conv {conv_err:.3e} > {tol:.0e}"
+            );
+            assert!(
+                candle_err.is_nan() || candle_err <= tol,
+                "gradient error vs candle {candle_err:.3e}"
+            );
+            let grad_err =
+                taps_err
+                    .max(conv_err)
+                    .max(if candle_err.is_nan() { 0.0 } else { candle_err });
+            worst = (worst.0.max(fwd_err), worst.1.max(grad_err));
         }
     }
-    println!("{dtype:?}: worst forward error {:.2e}, worst gradient error {:.2e}", worst.0, worst.1);
+    println!(
+        "{dtype:?}: worst forward error {:.2e}, worst gradient error {:.2e}",
+        worst.0, worst.1
+    );
     Ok(())
 }
 
@@ -176,9 +212,8 @@ fn input_grad_through_two_convs_and_nonlinearities() -> Result<()> {
     let err = rel_err(&ours, &candle)?;
 
     // Central differences of the scalar loss at a few coordinates.
-    let loss = |x: &Tensor| -> Result<f64> {
-        (net(x, &candle_conv)? * &g)?.sum_all()?.to_scalar::<f64>()
-    };
+    let loss =
+        |x: &Tensor| -> Result<f64> { (net(x, &candle_conv)? * &g)?.sum_all()?.to_scalar::<f64>() };
     let flat = x.flatten_all()?.to_vec1::<f64>()?;
     let ours_flat = ours.flatten_all()?.to_vec1::<f64>()?;
     let eps = 1e-5;
@@ -196,7 +231,10 @@ fn input_grad_through_two_convs_and_nonlinearities() -> Result<()> {
     }
     println!("chained: vs candle autograd {err:.2e}, vs finite differences {fd_err:.2e}");
     assert!(err <= 1e-10, "chained gradient error vs candle {err:.3e}");
-    assert!(fd_err <= 1e-6, "chained gradient error vs finite differences {fd_err:.3e}");
+    assert!(
+        fd_err <= 1e-6,
+        "chained gradient error vs finite differences {fd_err:.3e}"
+    );
     Ok(())
 }
 
@@ -208,8 +246,14 @@ fn weight_is_a_constant() -> Result<()> {
     let w = Var::from_tensor(&randn(8, &[3, 2, 3, 3], DType::F32)?)?;
     let y = conv2d_const_weight(x.as_tensor(), w.as_tensor(), 1, 1)?;
     let grads = y.sum_all()?.backward()?;
-    assert!(grads.get(w.as_tensor()).is_none(), "the weight got a gradient");
-    assert!(grads.get(x.as_tensor()).is_some(), "the input got no gradient");
+    assert!(
+        grads.get(w.as_tensor()).is_none(),
+        "the weight got a gradient"
+    );
+    assert!(
+        grads.get(x.as_tensor()).is_some(),
+        "the input got no gradient"
+    );
 
     let plain = conv2d_const_weight(&x.as_tensor().detach(), w.as_tensor(), 1, 1)?;
     assert!(!plain.track_op(), "untracked input gave a tracked output");
@@ -217,7 +261,7 @@ fn weight_is_a_constant() -> Result<()> {
     Ok(())
 }
 
-/// Half precision runs through the same ops; compared with the f32 results at half-precision
+/// Half precision (the convolution-only gradient path) runs through the same ops; compared with the f32 results at half-precision
 /// tolerance (the f32 path itself is checked above). candle 0.11.1 has no bf16 matmul on CPU, so its
 /// `conv2d` (and hence this op) supports bf16 only on CUDA; skipped where candle's conv2d lacks it.
 #[test]
@@ -233,14 +277,18 @@ fn half_precision_matches_f32() -> Result<()> {
             let w = (randn(22, &[8, 8, k, k], DType::F32)? * 0.2)?;
             let fwd32 = conv2d_const_weight(&x, &w, stride, padding)?;
             let g = randn(23, fwd32.dims(), DType::F32)?;
-            let grad32 = autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &w, stride, padding))?;
+            let grad32 =
+                autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &w, stride, padding))?;
             // Inputs rounded to half precision first, so only the arithmetic differs.
             let (x, w, g) = (x.to_dtype(dtype)?, w.to_dtype(dtype)?, g.to_dtype(dtype)?);
             let fwd = conv2d_const_weight(&x, &w, stride, padding)?;
-            let grad = autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &w, stride, padding))?;
+            let grad =
+                autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &w, stride, padding))?;
             assert_eq!(fwd.dtype(), dtype);
             assert_eq!(grad.dtype(), dtype);
-            let fwd_ref = x.to_dtype(DType::F32)?.conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
+            let fwd_ref =
+                x.to_dtype(DType::F32)?
+                    .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
             let grad_ref = conv2d_input_grad(
                 &g.to_dtype(DType::F32)?,
                 &w.to_dtype(DType::F32)?,
@@ -250,7 +298,10 @@ fn half_precision_matches_f32() -> Result<()> {
             )?;
             let (fwd_err, grad_err) = (rel_err(&fwd, &fwd_ref)?, rel_err(&grad, &grad_ref)?);
             println!("{dtype:?} k{k} s{stride} p{padding}: forward {fwd_err:.2e}, grad {grad_err:.2e} (vs f32 {:.2e})", rel_err(&grad, &grad32)?);
-            assert!(fwd_err <= tol && grad_err <= tol, "{dtype:?} error above {tol:.0e}");
+            assert!(
+                fwd_err <= tol && grad_err <= tol,
+                "{dtype:?} error above {tol:.0e}"
+            );
         }
     }
     Ok(())
@@ -261,13 +312,18 @@ fn bad_shapes_give_clear_errors() -> Result<()> {
     let x = randn(1, &[1, 3, 8, 8], DType::F32)?;
     let w = randn(2, &[4, 2, 3, 3], DType::F32)?;
     let err = conv2d_const_weight(&x, &w, 1, 1).unwrap_err().to_string();
-    assert!(err.contains("3 channels") && err.contains("expects 2"), "{err}");
+    assert!(
+        err.contains("3 channels") && err.contains("expects 2"),
+        "{err}"
+    );
     let w = randn(2, &[4, 3, 11, 11], DType::F32)?;
     let err = conv2d_const_weight(&x, &w, 1, 1).unwrap_err().to_string();
     assert!(err.contains("smaller than the kernel"), "{err}");
     let g = randn(3, &[1, 4, 5, 5], DType::F32)?;
     let w = randn(2, &[4, 3, 3, 3], DType::F32)?;
-    let err = conv2d_input_grad(&g, &w, (8, 8), 1, 1).unwrap_err().to_string();
+    let err = conv2d_input_grad(&g, &w, (8, 8), 1, 1)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not match"), "{err}");
     Ok(())
 }
