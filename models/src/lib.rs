@@ -2,5 +2,6 @@
 //! Pure functions of tensors: models are built from a `candle_nn::VarBuilder`; no file I/O here.
 
 pub mod adm;
+pub mod conv;
 pub mod ops;
 pub mod resnet;
