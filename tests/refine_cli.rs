@@ -179,7 +179,7 @@ fn interrupted_refine_resumes_to_the_same_result() {
     child.wait().unwrap();
     assert!(!out.exists(), "no final output after an interruption");
     let done = std::fs::read_dir(&partial).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("chunk-")).count();
-    assert!(done >= 3 && done < 120, "{done} chunks done before the kill");
+    assert!((3..120).contains(&done), "{done} chunks done before the kill");
 
     // Other arguments must not mix with the interrupted run.
     let line = fails(&["refine", "--input", s(&input), "--output", s(&out), "--classifier", s(&c), "--batch-size", "1", "--eps", "0.25"]);

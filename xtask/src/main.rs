@@ -150,8 +150,10 @@ fn bench(root: &Path, reps: usize, threads: Option<usize>, only: Option<String>,
         bail!("reference benchmark failed: {}", String::from_utf8_lossy(&reference.stderr));
     }
     let mut rows = Vec::new();
+    let mut torch_version = String::from("?");
     for line in String::from_utf8_lossy(&reference.stdout).lines() {
         let r: serde_json::Value = serde_json::from_str(line).with_context(|| format!("bad reference output: {line}"))?;
+        torch_version = r["torch"].as_str().unwrap_or("?").to_string();
         let name = r["workload"].as_str().unwrap_or_default().trim_start_matches("refine-").to_string();
         let (batch, size) = (r["batch"].as_u64().unwrap_or(1), r["size"].as_u64().unwrap_or(32));
         let ours = Command::new(env!("CARGO"))
@@ -171,7 +173,7 @@ fn bench(root: &Path, reps: usize, threads: Option<usize>, only: Option<String>,
             ours_ips / theirs_ips.max(1e-12)
         ));
     }
-    println!("| workload | PyTorch {} img/s ({threads} threads) | bigroc img/s ({device}) | bigroc / PyTorch |", "2.15");
+    println!("| workload | PyTorch {torch_version} img/s ({threads} threads) | bigroc img/s ({device}) | bigroc / PyTorch |");
     println!("| --- | --- | --- | --- |");
     for r in rows {
         println!("{r}");
