@@ -8,24 +8,46 @@ Run from the repository root:
 
     /tmp/refvenv/bin/python xtask/reference/resnet_fixtures.py --full DIR
         additionally writes full-size random-weight checkpoints in robustness' format into DIR
-        (NOT committed, ~1 GB): robustness_cifar_resnet50.pt, robustness_imagenet_resnet50.pt, each with
-        a `<name>_check.safetensors` next to it (same layout as the small fixtures: `model.*`, `input`,
-        `logits`, `target`, `input_grad`, plus `logits_f64`/`input_grad_f64` computed in float64), and `<name>_legacy.pt`, the same checkpoint in torch's
-        pre-1.6 (non-zip) serialization, which is what the published 2019/2020 checkpoints use.
+        (NOT committed, ~1 GB): robustness_cifar_resnet50.pt (CIFAR ResNet-50, wm=1) and
+        robustness_imagenet_resnet50.pt (ImageNet ResNet-50), each with `<name>_check.safetensors` next
+        to it (`model.*`, `input`, `target`, `logits`, `input_grad`, and `logits_f64`/`input_grad_f64`
+        computed in float64) and `<name>_legacy.pt`, the same checkpoint in torch's pre-1.6 (non-zip)
+        serialization, which is what the published 2019/2020 robustness checkpoints use.
         `BIGROC_RESNET_FULL_DIR=DIR cargo test -p bigroc-models --test resnet_parity` checks them.
 
-Everything runs on the CPU in float32 and is seeded, so reruns give the same files.
+Everything runs on the CPU in float32 and is seeded; reruns give byte-identical files. The PGD stability
+screen makes the run take a few minutes.
 
 Models are the reference code itself: robustness' `cifar_models.resnet` for the CIFAR layout and
 torchvision's `ResNet`/`Bottleneck` (via its own `_make_layer`) for the ImageNet layout, each wrapped in
 robustness' `AttackerModel`, whose `InputNormalize` clamps to [0, 1] and normalizes. Random weights are
-the default init plus randomized batch-norm statistics and affine parameters, so batch norm matters.
+the default init with batch-norm statistics measured on random inputs and then perturbed, random
+batch-norm affine parameters, and a head rescaled to a trained-like logit spread.
+
+Inputs are uniform pixels of which ~17% are exactly 0 or 1 (saturated). Note that with scalar bounds,
+the pinned torch's `clamp` passes no gradient at x == bound, so `input_grad` is 0 at those pixels.
 
 The PGD outputs come from robustness' own `Attacker` (called through `AttackerModel(..., make_adv=True)`)
 with targeted=True, use_best=True, random_start=False. It calls `.cuda()` on its input; this script
-replaces `torch.Tensor.cuda` by the identity so it runs on the CPU.
+replaces `torch.Tensor.cuda` by the identity so it runs on the CPU. Targets are redrawn until the result
+is stable under rounding-level perturbations (see `pgd_instability`).
 
-Every `.safetensors` file carries `__metadata__["config"]`, a JSON string describing the case.
+Layout of resnet_<case>.safetensors (case = cifar18, cifar50, imagenet50):
+    model.<key>        every entry of the bare classifier's state dict (num_batches_tracked included)
+    input, target      (N,3,H,W) f32 pixels in [0,1]; (N,) i64 labels
+    logits, input_grad logits of AttackerModel(input); d mean_n CE(logits_n, target_n) / d input
+    features           input of the final linear layer
+    input_odd, target_odd, logits_odd, input_grad_odd    imagenet50 only: a 40x36 input
+    checkpoint_logits  cifar18 only: logits of `input` after loading robustness_cifar18.pt through
+                       robustness' make_and_restore_model (equal to `logits`)
+    pgd.<case>.target, .output, .logits (of .output), .losses (8,N: per-sample CE of the iterate each of
+        the 7 steps starts from, then of the final iterate), .best_loss (N), .debias (l2_pseudo only),
+        .iterates (8,N,3,H,W; cifar18 l2_gt/linf_gt/l2_overshoot and imagenet50 l2_gt)
+    __metadata__["config"] = JSON {"case", "resnet_config" (serde form of bigroc's ResNetConfig), and for
+        cifar18/imagenet50 "pgd": {case: {"constraint", "eps", "step_size", "steps", "targeted",
+        "use_best", "random_start", "targets", "attempts", "instability", "iterates"}}, "pgd_input"}
+resnet_maxpool.safetensors: <prefix>_input, _output, _gout, _grad for the cases listed in
+    __metadata__["config"] = {"cases": [{"prefix", "kernel", "stride", "padding"}, ...]}
 """
 import argparse
 import copy
@@ -150,8 +172,8 @@ PGD_CASES = {
 }
 
 PGD_SCREEN_TOL = 1e-5  # normal float32 noise on the outputs is ~5e-7
-PGD_SCREEN_RUNS = 4
-PGD_MAX_ATTEMPTS = 10
+PGD_SCREEN_RUNS = 8
+PGD_MAX_ATTEMPTS = 20
 
 
 def attack(am, x, target, constraint, eps, step_size, orig_input=None):
