@@ -5,7 +5,7 @@ use bigroc_models::inception::FEATURE_DIM;
 use candle_core::{Device, Tensor};
 
 use super::fid::FidStats;
-use super::images::ImageSet;
+use super::images::{ImageSet, Selection};
 use super::network::FidInception;
 
 /// Pool features (and logits when available) of an image set, row-major.
@@ -46,21 +46,35 @@ impl FeatureSet {
     }
 }
 
-/// Runs the network over images `range` of `set` in batches of `batch`; `progress` is called with
-/// the number of images done after each batch.
+/// Runs the network over the images of `set` that `selection` picks, in batches of `batch`;
+/// `progress` is called with the number of images done after each batch.
 pub fn extract_features(
     net: &FidInception,
     set: &ImageSet,
-    range: std::ops::Range<usize>,
+    selection: Selection,
     batch: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<FeatureSet> {
     let mut out = FeatureSet::default();
-    set.for_each_batch(batch, range, &net.device, |images| {
+    set.for_each_batch(batch, selection, &net.device, |images| {
         let f = net.forward_images(&images)?;
         out.push(&f.pool, f.logits.as_ref())?;
         progress(out.count);
         Ok(())
     })?;
     Ok(out)
+}
+
+impl FeatureSet {
+    /// The rows `selection` picks (for subsets of cached features).
+    pub fn select(&self, selection: super::images::Selection) -> FeatureSet {
+        let idx = selection.indices(self.count);
+        let pick = |v: &[f32], w: usize| idx.iter().flat_map(|&i| v[i * w..(i + 1) * w].iter().copied()).collect();
+        FeatureSet {
+            pool: pick(&self.pool, FEATURE_DIM),
+            logits: self.logits.as_ref().map(|l| pick(l, self.classes)),
+            classes: self.classes,
+            count: idx.len(),
+        }
+    }
 }

@@ -27,6 +27,56 @@ pub enum ImageSet {
     Tar { path: PathBuf, count: usize },
 }
 
+/// Which images of a set to use, like a Python slice `start:end:step` over the set's order
+/// (e.g. `0::2` and `1::2` are two disjoint, class-balanced halves of an ImageFolder tar).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selection {
+    pub start: usize,
+    pub end: Option<usize>,
+    pub step: usize,
+}
+
+impl Default for Selection {
+    fn default() -> Self {
+        Selection { start: 0, end: None, step: 1 }
+    }
+}
+
+impl std::str::FromStr for Selection {
+    type Err = String;
+    /// Parses `START:END[:STEP]` with empty parts meaning the defaults (`:1000`, `1::2`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let num = |p: &str| -> Result<Option<usize>, String> {
+            if p.trim().is_empty() {
+                Ok(None)
+            } else {
+                p.trim().parse().map(Some).map_err(|_| format!("`{s}`: expected START:END[:STEP]"))
+            }
+        };
+        if parts.len() < 2 || parts.len() > 3 {
+            return Err(format!("`{s}`: expected START:END[:STEP] (e.g. 0:5000 or 1::2)"));
+        }
+        let step = if parts.len() == 3 { num(parts[2])?.unwrap_or(1) } else { 1 };
+        if step == 0 {
+            return Err(format!("`{s}`: step must be at least 1"));
+        }
+        Ok(Selection { start: num(parts[0])?.unwrap_or(0), end: num(parts[1])?, step })
+    }
+}
+
+impl Selection {
+    pub fn contains(&self, i: usize) -> bool {
+        i >= self.start && self.end.is_none_or(|e| i < e) && (i - self.start) % self.step == 0
+    }
+
+    /// The selected indices of a set of `n` images.
+    pub fn indices(&self, n: usize) -> Vec<usize> {
+        let end = self.end.map_or(n, |e| e.min(n));
+        (self.start..end).step_by(self.step).collect()
+    }
+}
+
 /// One decoded image, RGB uint8, row-major HWC.
 pub struct Rgb8 {
     pub height: usize,
@@ -125,12 +175,12 @@ impl ImageSet {
     }
 
     /// Calls `f` with batches of at most `batch` same-size images as uint8 `(B, 3, H, W)` tensors
-    /// on `device`, in the set's order (a batch ends early where the image size changes).
-    /// `range` restricts to images `[start, end)` of the set.
+    /// on `device`, in the set's order (a batch ends early where the image size changes), for the
+    /// images `selection` picks.
     pub fn for_each_batch(
         &self,
         batch: usize,
-        range: std::ops::Range<usize>,
+        selection: Selection,
         device: &Device,
         mut f: impl FnMut(Tensor) -> Result<()>,
     ) -> Result<()> {
@@ -156,18 +206,23 @@ impl ImageSet {
         };
         match self {
             ImageSet::Folder { root, files } => {
-                for rel in &files[range.clone()] {
-                    let p = root.join(rel);
+                for i in selection.indices(files.len()) {
+                    let p = root.join(&files[i]);
                     let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
                     push(decode_rgb(&bytes, &p.display().to_string())?, &mut pending)?;
                 }
             }
             ImageSet::Npz { images, .. } => {
                 // Already a uniform uint8 array: slice batches directly.
-                for start in range.clone().step_by(batch) {
-                    let len = batch.min(range.end - start);
-                    let t = images.narrow(0, start, len)?.permute((0, 3, 1, 2))?;
-                    f(t.to_device(device)?)?;
+                let indices = selection.indices(images.dim(0)?);
+                for chunk in indices.chunks(batch) {
+                    let t = if selection.step == 1 {
+                        images.narrow(0, chunk[0], chunk.len())?
+                    } else {
+                        let ids: Vec<u32> = chunk.iter().map(|&i| i as u32).collect();
+                        images.index_select(&Tensor::new(ids, &Device::Cpu)?, 0)?
+                    };
+                    f(t.permute((0, 3, 1, 2))?.to_device(device)?)?;
                 }
                 return Ok(());
             }
@@ -180,18 +235,37 @@ impl ImageSet {
                     if !entry.header().entry_type().is_file() || !is_image_name(&name) {
                         continue;
                     }
-                    if range.contains(&index) {
+                    if selection.contains(index) {
                         let mut bytes = vec![];
                         entry.read_to_end(&mut bytes)?;
                         push(decode_rgb(&bytes, &format!("{}:{name}", path.display()))?, &mut pending)?;
                     }
                     index += 1;
-                    if index >= range.end {
+                    if selection.end.is_some_and(|e| index >= e) {
                         break;
                     }
                 }
             }
         }
         flush(&mut pending)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selection_parses_like_a_python_slice() {
+        let s: Selection = "1::2".parse().unwrap();
+        assert_eq!(s.indices(7), vec![1, 3, 5]);
+        assert!(s.contains(3) && !s.contains(4) && !s.contains(0));
+        let s: Selection = ":3".parse().unwrap();
+        assert_eq!(s.indices(10), vec![0, 1, 2]);
+        assert!(!s.contains(3));
+        assert_eq!("5:".parse::<Selection>().unwrap().indices(7), vec![5, 6]);
+        for bad in ["5", "a:b", "0:10:0", "1:2:3:4"] {
+            assert!(bad.parse::<Selection>().unwrap_err().contains(bad), "{bad}");
+        }
     }
 }
