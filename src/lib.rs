@@ -10,6 +10,8 @@
 //! - [`diffusion`], [`adm`]: OpenAI's guided-diffusion sampler (schedules, respacing, guided
 //!   p_sample and DDIM) and the ADM model configurations.
 //!
+//! - [`eval`]: FID, precision/recall and Inception Score with the FID Inception network.
+//!
 //! The native architectures live in the `bigroc-models` crate.
 
 pub mod adm;
@@ -20,6 +22,7 @@ pub mod data;
 pub mod defaults;
 pub mod device;
 pub mod diffusion;
+pub mod eval;
 pub mod grid;
 pub mod merge;
 pub mod output;

@@ -39,9 +39,16 @@ fn full_size_robustness_checkpoints_convert_exactly() {
         let loss = bigroc::refine::pgd::cross_entropy_per_sample(&logits, &want["target"]).unwrap().mean_all().unwrap();
         let grad = loss.backward().unwrap().remove(x.as_tensor()).unwrap();
         let grad_err = rel_err(&grad, &want["input_grad"]);
-        println!("{name}: logits rel err {err:.2e}, input gradient rel err {grad_err:.2e}");
+        let grad_err64 = rel_err(&grad, &want["input_grad_f64"]);
+        let torch_f32_vs_f64 = rel_err(&want["input_grad"], &want["input_grad_f64"]);
+        println!(
+            "{name}: logits rel err {err:.2e}; input gradient rel err {grad_err:.2e} vs torch f32, {grad_err64:.2e} vs torch f64 (torch f32 vs f64: {torch_f32_vs_f64:.2e})"
+        );
         assert!(err <= 1e-4, "{name}: logits rel err {err}");
-        // At full depth a few ReLU inputs sit within f32 rounding of zero (see the fixture script).
-        assert!(grad_err <= 1e-3, "{name}: input gradient rel err {grad_err}");
+        // At full depth a few of the ~1e7 ReLU inputs sit within f32 rounding of zero, so two f32
+        // implementations with different summation orders differ locally by ~1e-2 (torch's own f32
+        // differs from its f64 by 1.9e-2 on the ImageNet model). In f64 the same networks agree to
+        // 3e-15: bigroc-models' `full_size_resnet50s_match` (BIGROC_RESNET_FULL_DIR=this dir).
+        assert!(grad_err64 <= 5e-2, "{name}: input gradient rel err {grad_err64} vs the f64 reference");
     }
 }

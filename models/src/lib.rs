@@ -3,5 +3,6 @@
 
 pub mod adm;
 pub mod conv;
+pub mod inception;
 pub mod ops;
 pub mod resnet;
