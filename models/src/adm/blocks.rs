@@ -8,7 +8,9 @@
 //! d log p(y|x_t) / d x_t); dropout is the identity because these models only run at inference.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+pub use super::conv::Conv2d;
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
 pub const NORM_GROUPS: usize = 32;
@@ -119,12 +121,7 @@ pub fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)
+    Conv2d::new(in_ch, out_ch, kernel, stride, vb)
 }
 
 /// A linear layer in f32 (guided-diffusion never converts `nn.Linear` to f16).
