@@ -10,7 +10,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-pub use super::conv::Conv2d;
+use crate::conv::conv2d_const_weight;
+
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
 pub const NORM_GROUPS: usize = 32;
@@ -113,7 +114,35 @@ impl Module for GroupNorm32 {
     }
 }
 
-/// A 3x3 (or 1x1) 2-D convolution with bias in the builder's dtype.
+/// A 2-D convolution with bias (weights (out, in, k, k)), padding `k / 2`, in the builder's
+/// dtype. Runs through `conv2d_const_weight`: its backward gives the input gradient only (what
+/// classifier guidance needs) without candle's kernel gradient and slow `conv_transpose2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_ch, in_ch, kernel, kernel), "weight")?,
+            bias: vb.get(out_ch, "bias")?.reshape((1, out_ch, 1, 1))?,
+            stride,
+            padding: kernel / 2,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d_const_weight(x, &self.weight, self.stride, self.padding)?.broadcast_add(&self.bias)
+    }
+}
+
+/// [`Conv2d::new`].
 pub fn conv2d(
     in_ch: usize,
     out_ch: usize,

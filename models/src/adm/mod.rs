@@ -3,7 +3,6 @@
 //! (`input_blocks.0.0.weight`, `time_embed.0.weight`, `label_emb.weight`, `out.2.weight`, ...).
 
 pub mod blocks;
-mod conv;
 mod encoder;
 mod unet;
 
