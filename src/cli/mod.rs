@@ -3,8 +3,10 @@
 
 mod calibrate;
 mod convert;
+mod convert_adm;
 mod merge;
 mod refine;
+mod sample;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +28,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// Join .npz shards written with --shard into one file, in input order.
     Merge(merge::MergeArgs),
+    /// Sample images from a diffusion model with (robust) classifier guidance.
+    Sample(sample::SampleArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -34,6 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Calibrate(args) => calibrate::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Sample(args) => sample::run(args),
     }
 }
 
