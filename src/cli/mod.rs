@@ -25,6 +25,8 @@ pub enum Command {
     /// Compute BIGRoC's debiasing vector d = 1 - mean logits over a generated set.
     Calibrate(calibrate::CalibrateArgs),
     /// Convert a published PyTorch checkpoint into a self-describing safetensors file.
+    // A repeated flag takes its last value, as with the original scripts' argparse.
+    #[command(args_override_self = true)]
     Convert(convert::ConvertArgs),
     /// Join .npz shards written with --shard into one file, in input order.
     Merge(merge::MergeArgs),
