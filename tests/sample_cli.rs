@@ -17,7 +17,13 @@ use bigroc_models::adm::{EncoderUNetConfig, UNetConfig};
 use candle_core::{DType, Device, Tensor};
 
 fn bigroc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bigroc")).args(args).env("BIGROC_LOG", "warn").output().unwrap()
+    // RUST_BACKTRACE=1 in the caller's environment would append candle's backtraces to errors
+    Command::new(env!("CARGO_BIN_EXE_bigroc"))
+        .args(args)
+        .env("BIGROC_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
 }
 
 fn ok(args: &[&str]) -> String {
