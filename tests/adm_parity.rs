@@ -170,3 +170,29 @@ fn script_flags_and_presets_match_guided_diffusion_script_util() -> Result<()> {
     }
     Ok(())
 }
+
+/// Half-precision torsos (guided-diffusion's `use_fp16`: convolutions in f16/bf16, norms,
+/// softmax, embeddings and heads in f32) stay close to the f32 reference. Meant for CUDA; run
+/// here on the CPU, which candle also supports for f16, to check the dtype plumbing end to end
+/// (candle's CPU matmul has no bf16, so bf16 is for CUDA only).
+#[test]
+fn half_precision_torso_close_to_f32_reference() -> Result<()> {
+    for (dtype, tol) in [(DType::F16, 1e-2)] {
+        let fx = Fixture::load("adm_unet_legacy")?;
+        let cfg: UNetConfig = fx.config_of("model")?;
+        let model = UNetModel::new(&cfg, fx.var_builder("model", dtype))?;
+        let y = fx.get("y")?;
+        let out = model.forward(&fx.get("input")?, &fx.get("timesteps")?, Some(&y))?;
+        assert_eq!(out.dtype(), DType::F32);
+        check(&format!("adm_unet_legacy, {dtype:?} torso"), &out, &fx.get("output")?, tol)?;
+
+        let fx = Fixture::load("adm_encoder_attention")?;
+        let cfg: EncoderUNetConfig = fx.config_of("model")?;
+        let model = EncoderUNetModel::new(&cfg, fx.var_builder("model", dtype))?;
+        let (x, t) = (fx.get("input")?, fx.get("timesteps")?);
+        check(&format!("adm_encoder_attention logits, {dtype:?} torso"), &model.forward(&x, &t)?, &fx.get("output")?, tol)?;
+        let grad = model.log_prob_grad(&x, &t, &fx.get("y")?)?;
+        check(&format!("adm_encoder_attention grad, {dtype:?} torso"), &grad, &fx.get("grad")?, 5.0 * tol)?;
+    }
+    Ok(())
+}

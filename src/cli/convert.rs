@@ -15,6 +15,9 @@ enum Source {
     Robustness,
     /// A plain torchvision ResNet state dict.
     Torchvision,
+    /// An OpenAI guided-diffusion / improved-diffusion checkpoint (ADM UNet or time-dependent
+    /// classifier); needs --kind and --preset or the original scripts' flags.
+    GuidedDiffusion,
 }
 
 #[derive(Debug, Args)]
@@ -39,6 +42,8 @@ pub struct ConvertArgs {
     default_eps: Option<f64>,
     #[arg(long)]
     output: PathBuf,
+    #[command(flatten)]
+    adm: super::convert_adm::AdmFlags,
 }
 
 fn parse_threat_model(s: &str) -> Result<ThreatModel, String> {
@@ -49,6 +54,13 @@ fn parse_threat_model(s: &str) -> Result<ThreatModel, String> {
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
+    if a.source == Source::GuidedDiffusion {
+        println!("{}", super::convert_adm::run(&a.adm, &a.checkpoint, a.dataset, &a.output)?);
+        return Ok(());
+    }
+    if a.adm.any_given() {
+        bail!("--kind, --preset and the guided-diffusion flags need --from guided-diffusion");
+    }
     let depth: usize = a
         .arch
         .strip_prefix("resnet")
@@ -58,6 +70,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
         (_, Some(d)) => d,
         (Source::Torchvision, None) => Dataset::Imagenet,
         (Source::Robustness, None) => bail!("--dataset is required for robustness checkpoints (cifar10 or imagenet)"),
+        (Source::GuidedDiffusion, None) => unreachable!("handled above"),
     };
     let import = ResNetImport {
         checkpoint: &a.checkpoint,
@@ -69,6 +82,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
     let (header, tensors) = match a.source {
         Source::Robustness => convert::from_robustness(&import)?,
         Source::Torchvision => convert::from_torchvision(&import)?,
+        Source::GuidedDiffusion => unreachable!("handled above"),
     };
     bigroc::weights::save(&a.output, &header, &tensors)?;
     println!("wrote {} ({} tensors, {} {})", a.output.display(), tensors.len(), dataset.name(), a.arch);

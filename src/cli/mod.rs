@@ -3,9 +3,11 @@
 
 mod calibrate;
 mod convert;
+mod convert_adm;
 mod eval;
 mod merge;
 mod refine;
+mod sample;
 mod stats;
 
 use anyhow::Result;
@@ -25,6 +27,8 @@ pub enum Command {
     /// Compute BIGRoC's debiasing vector d = 1 - mean logits over a generated set.
     Calibrate(calibrate::CalibrateArgs),
     /// Convert a published PyTorch checkpoint into a self-describing safetensors file.
+    // A repeated flag takes its last value, as with the original scripts' argparse.
+    #[command(args_override_self = true)]
     Convert(convert::ConvertArgs),
     /// Join .npz shards written with --shard into one file, in input order.
     Merge(merge::MergeArgs),
@@ -32,6 +36,8 @@ pub enum Command {
     Stats(stats::StatsArgs),
     /// FID, precision/recall and Inception Score of samples against a reference.
     Eval(eval::EvalArgs),
+    /// Sample images from a diffusion model with (robust) classifier guidance.
+    Sample(sample::SampleArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -42,6 +48,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(args) => merge::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Sample(args) => sample::run(args),
     }
 }
 

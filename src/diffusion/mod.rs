@@ -1,7 +1,8 @@
 //! Gaussian diffusion sampling with classifier guidance, matching guided-diffusion 1.0
 //! (OpenAI's ADM code): beta schedules and timestep respacing ([`schedule`]), the diffusion
 //! process with epsilon prediction and fixed or learned variance ([`gaussian`]), and guided
-//! ancestral / DDIM sampling ([`sample`]).
+//! ancestral / DDIM sampling ([`sample`]); whole sampling runs with reproducible per-image noise
+//! and resumable output ([`job`], [`noise`]).
 //!
 //! ```no_run
 //! # use bigroc::diffusion::*;
@@ -23,6 +24,8 @@
 //! ```
 
 pub mod gaussian;
+pub mod job;
+pub mod noise;
 pub mod sample;
 pub mod schedule;
 

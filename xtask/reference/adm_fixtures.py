@@ -226,10 +226,10 @@ UNET_CASES = {
         num_heads=2,
         num_heads_upsample=1,
     ),
-    # new head order with num_head_channels, resblock up/down, no scale-shift, unconditional,
-    # a channel change inside the down path (1x1 skip convs)
+    # new head order with num_head_channels, resblock up/down, no scale-shift, unconditional
+    # (channel changes inside the down path are covered by the encoder and sampler models)
     "adm_unet_new_updown": unet_config(
-        channel_mult=[1, 2],
+        channel_mult=[1, 1],
         attention_resolutions=[2],
         num_head_channels=16,
         use_new_attention_order=True,
@@ -440,8 +440,12 @@ IMPROVED_UNET = unet_config(
     image_size=8, channel_mult=[1, 1], attention_resolutions=[2], num_classes=10, out_channels=6,
     num_heads=4,
 )
+# exactly what create_classifier builds for `--image_size 8 --classifier_width 32
+# --classifier_depth 1 --classifier_attention_resolutions 4` with channel_mult 1,2 and 10 classes
+# (64 channels per head, legacy order in the blocks), so the CLI tests can convert it by flags
 SAMPLER_CLASSIFIER = encoder_config(
-    image_size=8, channel_mult=[1, 1], num_res_blocks=1, attention_resolutions=[2]
+    image_size=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
+    num_head_channels=64,
 )
 SAMPLER_MODELS = {}
 
@@ -467,6 +471,13 @@ def sampler_models():
         tensors = {}
         for key, m in SAMPLER_MODELS.items():
             tensors.update(weights(m, key + "."))
+        # the improved-layout UNet and the classifier also as original-format checkpoints
+        # (state dicts saved by torch.save, in f16 to keep them small) for the convert tests
+        for key, name in [("improved", "adm_improved_unet.pt"), ("classifier", "adm_classifier.pt")]:
+            sd = {k: v.detach().half() for k, v in SAMPLER_MODELS[key].state_dict().items()}
+            path = os.path.join(FIXTURES, name)
+            th.save(sd, path)
+            print(f"{path}: {os.path.getsize(path) / 1e6:.2f} MB")
         save("adm_sampler_models", tensors, {
             "kind": "sampler_models", "unet": SAMPLER_UNET, "improved": IMPROVED_UNET,
             "classifier": SAMPLER_CLASSIFIER,
@@ -731,7 +742,7 @@ def main():
         script_flag_fixture()
         gaussian_case()
         p_sample_case()
-        trajectory_case("adm_traj_ddim_eta0", "ddim", 0.0, "unet", "10,0,0", False, 31, 2.0)
+        trajectory_case("adm_traj_ddim_eta0", "ddim", 0.0, "improved", "10,0,0", True, 31, 2.0)
         trajectory_case("adm_traj_ddim_eta05", "ddim", 0.5, "unet", "10,0,0", False, 32, 2.0)
         trajectory_case("adm_traj_p_sample_rescaled", "p_sample", 0.0, "improved", "10,0,0", True, 33, 2.0)
     if args.full:

@@ -8,7 +8,10 @@
 //! d log p(y|x_t) / d x_t); dropout is the identity because these models only run at inference.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::conv::conv2d_const_weight;
+
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
 pub const NORM_GROUPS: usize = 32;
@@ -111,7 +114,35 @@ impl Module for GroupNorm32 {
     }
 }
 
-/// A 3x3 (or 1x1) 2-D convolution with bias in the builder's dtype.
+/// A 2-D convolution with bias (weights (out, in, k, k)), padding `k / 2`, in the builder's
+/// dtype. Runs through `conv2d_const_weight`: its backward gives the input gradient only (what
+/// classifier guidance needs) without candle's kernel gradient and slow `conv_transpose2d`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    pub fn new(in_ch: usize, out_ch: usize, kernel: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_ch, in_ch, kernel, kernel), "weight")?,
+            bias: vb.get(out_ch, "bias")?.reshape((1, out_ch, 1, 1))?,
+            stride,
+            padding: kernel / 2,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d_const_weight(x, &self.weight, self.stride, self.padding)?.broadcast_add(&self.bias)
+    }
+}
+
+/// [`Conv2d::new`].
 pub fn conv2d(
     in_ch: usize,
     out_ch: usize,
@@ -119,12 +150,7 @@ pub fn conv2d(
     stride: usize,
     vb: VarBuilder,
 ) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: kernel / 2,
-        stride,
-        ..Default::default()
-    };
-    candle_nn::conv2d(in_ch, out_ch, kernel, cfg, vb)
+    Conv2d::new(in_ch, out_ch, kernel, stride, vb)
 }
 
 /// A linear layer in f32 (guided-diffusion never converts `nn.Linear` to f16).

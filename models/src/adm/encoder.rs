@@ -2,11 +2,11 @@
 //! then a pooling head).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
-    conv2d, linear_f32, qkv_attention, silu, GroupNorm32, HeadOrder, PointwiseConv1d,
+    conv2d, Conv2d, linear_f32, qkv_attention, silu, GroupNorm32, HeadOrder, PointwiseConv1d,
     TimeEmbed, TimestepSequential,
 };
 use super::unet::{yes, DownPath, TorsoSpec};

@@ -1,11 +1,11 @@
 //! `UNetModel`: ADM's noise-prediction network (guided-diffusion `unet.py`).
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, Embedding, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
-    conv2d, silu, AttentionBlock, Downsample, GroupNorm32, HeadOrder, Layer, ResBlock,
+    conv2d, Conv2d, silu, AttentionBlock, Downsample, GroupNorm32, HeadOrder, Layer, ResBlock,
     ResBlockOpts, Resample, TimeEmbed, TimestepSequential, Upsample,
 };
 
