@@ -177,7 +177,8 @@ fn script_flags_and_presets_match_guided_diffusion_script_util() -> Result<()> {
 /// (candle's CPU matmul has no bf16, so bf16 is for CUDA only).
 #[test]
 fn half_precision_torso_close_to_f32_reference() -> Result<()> {
-    for (dtype, tol) in [(DType::F16, 1e-2)] {
+    let (dtype, tol) = (DType::F16, 1e-2);
+    {
         let fx = Fixture::load("adm_unet_legacy")?;
         let cfg: UNetConfig = fx.config_of("model")?;
         let model = UNetModel::new(&cfg, fx.var_builder("model", dtype))?;

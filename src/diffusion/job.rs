@@ -208,7 +208,7 @@ impl SampleJob {
             ClassChoice::All => (0..self.num).map(|i| (i % n) as i64).collect(),
             ClassChoice::Random => (0..self.num)
                 .map(|i| {
-                    let mut rng = StdRng::seed_from_u64(self.seed ^ 0x636c_6173_7365_73 ^ (i as u64).rotate_left(17));
+                    let mut rng = StdRng::seed_from_u64(self.seed ^ 0x0063_6c61_7373_6573 ^ (i as u64).rotate_left(17));
                     rng.random_range(0..n) as i64
                 })
                 .collect(),

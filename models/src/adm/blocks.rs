@@ -78,7 +78,7 @@ pub struct GroupNorm32 {
 
 impl GroupNorm32 {
     pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
-        if channels % NORM_GROUPS != 0 {
+        if !channels.is_multiple_of(NORM_GROUPS) {
             candle_core::bail!(
                 "GroupNorm32 at '{}': {channels} channels are not divisible into {NORM_GROUPS} groups",
                 vb.prefix()
@@ -247,7 +247,7 @@ impl AttentionBlock {
         let num_heads = match num_head_channels {
             None => num_heads,
             Some(hc) => {
-                if hc == 0 || channels % hc != 0 {
+                if hc == 0 || !channels.is_multiple_of(hc) {
                     candle_core::bail!(
                         "attention at '{}': {channels} channels are not divisible by num_head_channels {hc}",
                         vb.prefix()

@@ -84,7 +84,7 @@ impl AttentionPool2d {
         output_dim: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if num_head_channels == 0 || embed_dim % num_head_channels != 0 {
+        if num_head_channels == 0 || !embed_dim.is_multiple_of(num_head_channels) {
             candle_core::bail!(
                 "attention pool at '{}': {embed_dim} channels are not divisible by num_head_channels {num_head_channels}",
                 vb.prefix()
