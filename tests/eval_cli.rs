@@ -3,7 +3,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use bigroc::eval::fid::frechet_distance;
 use bigroc::eval::precision_recall::precision_recall;
 use bigroc::eval::stats_file::write_stats;
 use bigroc::eval::FeatureSet;
@@ -49,8 +48,12 @@ fn eval_two_stats_files() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     println!("{stdout}");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let fid = frechet_distance(&a.stats().unwrap(), &b.stats().unwrap()).unwrap().fid;
-    assert!((v["fid"].as_f64().unwrap() - fid).abs() < 1e-9);
+    // Zero-padding the features to 2048-d leaves the FID unchanged: compare with pytorch-fid's value
+    // for the unpadded features (no second 2048-d eigen solve here).
+    let fx = candle_core::safetensors::load(Path::new(ROOT).join("tests/fixtures/eval_fid.safetensors"), &Device::Cpu)
+        .unwrap();
+    let fid = fx["full_rank.fid_pytorch_fid"].to_vec1::<f64>().unwrap()[0];
+    assert!((v["fid"].as_f64().unwrap() - fid).abs() < 1e-3, "{} vs {fid}", v["fid"]);
     let pr = precision_recall(
         &b.pool_tensor(&Device::Cpu).unwrap(),
         &a.pool_tensor(&Device::Cpu).unwrap(),
@@ -83,7 +86,7 @@ fn eval_errors_are_clear() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("kid"));
 }
 
-/// `bigroc stats` on a folder of two images with the shared TorchScript network, then `bigroc eval`
+/// `bigroc stats` on a folder of five images with the shared TorchScript network, then `bigroc eval`
 /// of a subset against that file (FID only).
 #[test]
 fn stats_then_eval_on_a_folder() {
@@ -95,7 +98,7 @@ fn stats_then_eval_on_a_folder() {
     let dir = tempfile::tempdir().unwrap();
     let images = dir.path().join("images/sub");
     std::fs::create_dir_all(&images).unwrap();
-    for (i, (w, h)) in [(32u32, 32u32), (32, 32), (40, 24)].into_iter().enumerate() {
+    for (i, (w, h)) in [(32u32, 32u32), (32, 32), (32, 32), (32, 32), (40, 24)].into_iter().enumerate() {
         let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + i as u32 * 50) as u8, (y * 5) as u8, 128]));
         img.save(images.join(format!("{i}.png"))).unwrap();
     }
@@ -111,7 +114,7 @@ fn stats_then_eval_on_a_folder() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let read = bigroc::eval::stats_file::read_stats(&stats).unwrap();
-    assert_eq!(read.features.unwrap().count, 3);
+    assert_eq!(read.features.unwrap().count, 5);
     let out = bigroc()
         .args(["eval", "--metrics", "fid", "--samples-subset", "0:2", "--samples"])
         .arg(&stats)
@@ -121,4 +124,32 @@ fn stats_then_eval_on_a_folder() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FID"));
+
+    // An OpenAI-style reference batch: images `arr_0` plus stored `mu`/`sigma`. FID must use the
+    // stored statistics (here the samples' own, so FID ~ 0 although the images differ) while
+    // precision/recall run the network on `arr_0`.
+    let stored = bigroc::eval::stats_file::read_stats(&stats).unwrap().stats.unwrap();
+    let imgs: Vec<u8> = (0..5 * 32 * 32 * 3).map(|i| ((i * 37) % 251) as u8).collect();
+    let arr0 = Tensor::from_vec(imgs, (5, 32, 32, 3), &Device::Cpu).unwrap();
+    let mu = Tensor::from_slice(&stored.mu, 2048, &Device::Cpu).unwrap();
+    let sigma = Tensor::from_slice(&stored.sigma, (2048, 2048), &Device::Cpu).unwrap();
+    let openai = dir.path().join("VIRTUAL_ref.npz");
+    Tensor::write_npz(&[("arr_0", &arr0), ("mu", &mu), ("sigma", &sigma)], &openai).unwrap();
+    let json = dir.path().join("r.json");
+    let out = bigroc()
+        .args(["eval", "--metrics", "fid,precision,recall", "--samples"])
+        .arg(&stats)
+        .arg("--reference")
+        .arg(&openai)
+        .arg("--json")
+        .arg(&json)
+        .arg("--inception")
+        .arg(&inception)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["fid"].as_f64().unwrap().abs() < 1e-3, "{v}");
+    assert_eq!(v["reference_count"].as_u64(), Some(5), "{v}");
+    assert!(v["precision"].is_number() && v["recall"].is_number(), "{v}");
 }

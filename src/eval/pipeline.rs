@@ -104,6 +104,9 @@ pub fn load_side(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Side> {
     let subset = selection != Selection::default();
+    // `mu`/`sigma` stored in the file (OpenAI's reference batches) are used for FID even when the
+    // features for precision/recall have to be computed from its images.
+    let mut stored_stats = None;
     if is_npz(path) {
         let file = read_stats(path)?;
         if let Some(f) = file.features {
@@ -115,6 +118,7 @@ pub fn load_side(
         if !must_run {
             return Ok(Side { path: path.into(), stats: file.stats, features: None, count: 0 });
         }
+        stored_stats = if subset { None } else { file.stats };
         if !file.has_images {
             bail!(
                 "{}: holds neither images (`arr_0`) nor `features`, and {} them",
@@ -131,7 +135,10 @@ pub fn load_side(
     let net = net.get()?;
     let features = extract_features(net, &set, selection, batch, |done| progress(done, total))
         .with_context(|| format!("computing features of {}", path.display()))?;
-    let stats = features.stats()?;
+    let stats = match stored_stats {
+        Some(s) => s,
+        None => features.stats()?,
+    };
     Ok(Side { path: path.into(), count: features.count, stats: Some(stats), features: Some(features) })
 }
 
