@@ -8,7 +8,11 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "bigroc", version, about = "Image synthesis driven by adversarially robust classifiers")]
+#[command(
+    name = "bigroc",
+    version,
+    about = "Image synthesis driven by adversarially robust classifiers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -63,7 +67,12 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new(what: &str) -> Self {
-        Progress { bar: image_bar(what), what: what.to_string(), start: std::time::Instant::now(), next_log: 0 }
+        Progress {
+            bar: image_bar(what),
+            what: what.to_string(),
+            start: std::time::Instant::now(),
+            next_log: 0,
+        }
     }
 
     pub(crate) fn update(&mut self, done: usize, total: usize) {
@@ -71,7 +80,11 @@ impl Progress {
         self.bar.set_position(done as u64);
         if self.bar.is_hidden() && (done >= self.next_log || done == total) {
             let secs = self.start.elapsed().as_secs_f64();
-            tracing::info!("{}: {done}/{total} images, {:.2} img/s", self.what, done as f64 / secs.max(1e-9));
+            tracing::info!(
+                "{}: {done}/{total} images, {:.2} img/s",
+                self.what,
+                done as f64 / secs.max(1e-9)
+            );
             self.next_log = done + total.div_ceil(10).max(1);
         }
     }
@@ -86,12 +99,14 @@ fn image_bar(what: &str) -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressState, ProgressStyle};
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {rate} img/s, {elapsed} elapsed, ETA {eta}")
-            .expect("valid template")
-            .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = write!(w, "{:.2}", s.per_sec());
-            })
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} images, {rate} img/s, {elapsed} elapsed, ETA {eta}",
+        )
+        .expect("valid template")
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.2}", s.per_sec());
+        })
+        .progress_chars("=> "),
     );
     bar.set_message(what.to_string());
     bar

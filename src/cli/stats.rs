@@ -53,7 +53,11 @@ pub fn run(a: StatsArgs) -> Result<()> {
         a.output.display(),
         features.count,
         stats.dim,
-        if features.logits.is_some() { ", with logits" } else { "" },
+        if features.logits.is_some() {
+            ", with logits"
+        } else {
+            ""
+        },
         start.elapsed().as_secs_f64()
     );
     Ok(())
