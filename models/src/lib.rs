@@ -1,1 +1,8 @@
+//! Native candle implementations of the architectures bigroc uses and the ops candle lacks.
+//! Pure functions of tensors: models are built from a `candle_nn::VarBuilder`; no file I/O here.
+
+pub mod adm;
+pub mod conv;
 pub mod inception;
+pub mod ops;
+pub mod resnet;

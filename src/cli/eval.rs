@@ -44,7 +44,7 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let start = Instant::now();
-    let net = LazyInception::new(a.inception.clone(), super::parse_device(&a.device)?);
+    let net = LazyInception::new(a.inception.clone(), bigroc::device::parse_device(&a.device)?);
     let needs = Needs {
         features: a
             .metrics

@@ -1,18 +1,18 @@
 //! The `bigroc` command line: one file per subcommand, each only parsing flags and calling the
 //! library.
 
+mod calibrate;
+mod convert;
 mod eval;
+mod merge;
+mod refine;
 mod stats;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "bigroc",
-    version,
-    about = "Image synthesis driven by adversarially robust classifiers"
-)]
+#[command(name = "bigroc", version, about = "Image synthesis driven by adversarially robust classifiers")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -20,6 +20,14 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Refine generated images with a robust classifier (BIGRoC).
+    Refine(refine::RefineArgs),
+    /// Compute BIGRoC's debiasing vector d = 1 - mean logits over a generated set.
+    Calibrate(calibrate::CalibrateArgs),
+    /// Convert a published PyTorch checkpoint into a self-describing safetensors file.
+    Convert(convert::ConvertArgs),
+    /// Join .npz shards written with --shard into one file, in input order.
+    Merge(merge::MergeArgs),
     /// Compute and cache reference statistics (mu, sigma, Inception features) of an image set.
     Stats(stats::StatsArgs),
     /// FID, precision/recall and Inception Score of samples against a reference.
@@ -28,36 +36,26 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Refine(args) => refine::run(args),
+        Command::Calibrate(args) => calibrate::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Eval(args) => eval::run(args),
     }
 }
 
-/// `--device cpu|cuda|cuda:N|auto`.
-pub(crate) fn parse_device(spec: &str) -> Result<candle_core::Device> {
-    use candle_core::Device;
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
-        other => {
-            let ordinal = match other.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(n) => match n.strip_prefix(':').and_then(|n| n.parse().ok()) {
-                    Some(n) => n,
-                    None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-                },
-                None => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-            };
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {other}: this build has no CUDA support (rebuild with `--features cuda`)");
-            }
-            Ok(Device::new_cuda(ordinal)?)
-        }
+/// Parses `N` or `HxW` (e.g. `--resize 32`, `--resize 128x96`) as (height, width).
+pub(crate) fn parse_size(s: &str) -> Result<(usize, usize), String> {
+    let parse = |v: &str| v.trim().parse::<usize>().ok().filter(|&n| n > 0);
+    match s.split_once(['x', 'X']) {
+        Some((h, w)) => parse(h).zip(parse(w)).ok_or_else(|| format!("`{s}`: expected N or HxW")),
+        None => parse(s).map(|n| (n, n)).ok_or_else(|| format!("`{s}`: expected N or HxW")),
     }
 }
 
-/// Progress of a feature extraction: a bar with images/s on a terminal, else (CI, logs, nohup) a
-/// log line every 10% with the rate.
+/// Progress of a feature extraction: the shared image bar (images/s) on a terminal, else (CI,
+/// logs, nohup) a log line every 10% with the rate.
 pub(crate) struct Progress {
     bar: indicatif::ProgressBar,
     what: String,
@@ -68,7 +66,7 @@ pub(crate) struct Progress {
 impl Progress {
     pub(crate) fn new(what: &str) -> Self {
         Progress {
-            bar: image_bar(what),
+            bar: bigroc::progress::images(0, 0, what),
             what: what.to_string(),
             start: std::time::Instant::now(),
             next_log: 0,
@@ -80,11 +78,7 @@ impl Progress {
         self.bar.set_position(done as u64);
         if self.bar.is_hidden() && (done >= self.next_log || done == total) {
             let secs = self.start.elapsed().as_secs_f64();
-            tracing::info!(
-                "{}: {done}/{total} images, {:.2} img/s",
-                self.what,
-                done as f64 / secs.max(1e-9)
-            );
+            tracing::info!("{}: {done}/{total} images, {:.2} img/s", self.what, done as f64 / secs.max(1e-9));
             self.next_log = done + total.div_ceil(10).max(1);
         }
     }
@@ -92,22 +86,4 @@ impl Progress {
     pub(crate) fn finish(self) {
         self.bar.finish_and_clear();
     }
-}
-
-/// A progress bar over images with throughput, hidden when stderr is not a terminal.
-fn image_bar(what: &str) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressState, ProgressStyle};
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} images, {rate} img/s, {elapsed} elapsed, ETA {eta}",
-        )
-        .expect("valid template")
-        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-            let _ = write!(w, "{:.2}", s.per_sec());
-        })
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
 }

@@ -119,8 +119,10 @@ fn npz_names(path: &Path) -> Result<Vec<String>> {
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .with_context(|| format!("{}: not an .npz (zip) file", path.display()))?;
-    Ok(zip
+    let names = zip
         .file_names()
-        .map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string())
-        .collect())
+        .map(|n| n.map(|n| n.strip_suffix(".npy").unwrap_or(&n).to_string()))
+        .collect::<std::result::Result<Vec<String>, _>>()
+        .with_context(|| format!("{}: unreadable .npz member names", path.display()))?;
+    Ok(names)
 }

@@ -101,11 +101,14 @@ fn tensor_from_storage(info: &TensorInfo, storage: &[u8]) -> Result<Tensor> {
 
 fn read_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mut zip = zip::ZipArchive::new(BufReader::new(std::fs::File::open(path)?))?;
-    let pkl_name = zip
+    let names = zip
         .file_names()
+        .map(|n| n.map(|n| n.into_owned()))
+        .collect::<std::result::Result<Vec<String>, _>>()?;
+    let pkl_name = names
+        .into_iter()
         .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .min()
-        .map(str::to_string)
         .context("no <name>/data.pkl inside the zip: not a PyTorch archive")?;
     let dir = pkl_name
         .strip_suffix(".pkl")

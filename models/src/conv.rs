@@ -1,0 +1,614 @@
+//! A 2D convolution with a constant weight, differentiable with respect to its input only, with a fast
+//! backward.
+//!
+//! BIGRoC's PGD and classifier guidance differentiate a frozen classifier with respect to its input
+//! image. candle 0.11's backward of `Tensor::conv2d` always computes the kernel gradient too (a
+//! convolution whose "kernel" is the whole output gradient) and gets the input gradient from
+//! `conv_transpose2d`, which on CPU is a loop of dot products; together they dominate PGD's time.
+//!
+//! [`conv2d_const_weight`] skips the kernel gradient and computes the input gradient as the adjoint of
+//! the convolution:
+//! * on CPU in f32/f64, the way PyTorch does: one gemm gives every output position's contributions to
+//!   its window (`W^T g`, the forward's multiply-adds whatever the stride), and col2im adds them into
+//!   the input positions the window covers. The forward is the mirror image (im2col, then one gemm per
+//!   sample), 1.5-2.5x faster than candle 0.11's tiled CPU `conv2d` in `examples/conv_timing.rs`;
+//! * elsewhere (CUDA, half precision) with candle's own forward `conv2d` only: the output gradient,
+//!   spread out with `s - 1` zeros between neighbours for stride `s`, convolved with the weight flipped
+//!   in both spatial dimensions and with in/out channels swapped, padded by `k - 1 - p` (plus one more
+//!   row/column at the far end for input positions past the last window, whose gradient is zero).
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Error, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor,
+};
+use rayon::prelude::*;
+
+/// `x` convolved with `weight` (`[c_out, c_in, kh, kw]`, no bias, groups 1, dilation 1, the same
+/// `stride` and zero `padding` on both spatial axes), equal to `x.conv2d(weight, padding, stride, 1, 1)`.
+///
+/// Differentiable with respect to `x` only: the weight is used as a constant (a `Var` weight receives
+/// no gradient through this op), which is what gradients of a frozen network with respect to its
+/// input need, at about the cost of one more forward convolution. Runs wherever candle's `conv2d`
+/// does (f32/f64 on CPU through this module's im2col; f16 on CPU and everything on CUDA through
+/// candle's kernels; candle 0.11 has no bf16 matmul, hence no bf16 convolution, on CPU).
+pub fn conv2d_const_weight(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let geometry = Geometry::of_forward(x, weight, stride, padding)?;
+    let weight = weight.detach();
+    let y = if uses_im2col(x) {
+        conv2d_im2col(&x.detach(), &weight, geometry, WINDOW_BUDGET)?
+    } else {
+        x.detach().conv2d(&weight, padding, stride, 1, 1)?
+    };
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(ConstWeightConv2d {
+        weight,
+        stride,
+        padding,
+        output: Mutex::new(Some(y)),
+    })
+}
+
+/// The input gradient of `conv2d(x, weight, stride, padding)` for an `x` of spatial size `input_hw`,
+/// given the gradient `grad` (`[b, c_out, oh, ow]`) of its output: the adjoint of the convolution
+/// (a transposed convolution). f32/f64 on CPU use [`conv2d_input_grad_col2im`], everything else
+/// [`conv2d_input_grad_conv`].
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    input_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if uses_im2col(grad) {
+        conv2d_input_grad_col2im(grad, weight, input_hw, stride, padding)
+    } else {
+        conv2d_input_grad_conv(grad, weight, input_hw, stride, padding)
+    }
+}
+
+/// Whether the im2col/col2im kernels of this module handle `t`'s device and dtype.
+fn uses_im2col(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Largest window buffer (`[n, c_in * kh * kw, oh * ow]`) im2col and col2im allocate at once, in
+/// elements: the batch goes through in chunks of this size (at least one sample) to bound the extra
+/// memory, `kh * kw` times the input's for stride 1.
+const WINDOW_BUDGET: usize = 1 << 25;
+
+/// Samples per chunk of at most `budget` window elements.
+fn chunk_size(g: &Geometry, budget: usize) -> usize {
+    (budget / (g.taps() * g.rows.out * g.cols.out).max(1)).clamp(1, g.b.max(1))
+}
+
+/// Forward convolution on CPU: im2col, then `[c_out, c_in * kh * kw] x windows` per sample.
+fn conv2d_im2col(x: &Tensor, weight: &Tensor, g: Geometry, budget: usize) -> Result<Tensor> {
+    let (oh, ow) = (g.rows.out, g.cols.out);
+    let weight = weight.reshape((g.c_out, g.taps()))?;
+    let x = x.contiguous()?;
+    let chunk = chunk_size(&g, budget);
+    let mut parts = Vec::with_capacity(g.b.div_ceil(chunk));
+    for start in (0..g.b).step_by(chunk) {
+        let n = chunk.min(g.b - start);
+        let x = x.narrow(0, start, n)?;
+        let windows = if g.is_pointwise() {
+            // Each window is one input position: nothing to gather.
+            x.reshape((n, g.c_in, oh * ow))?
+        } else {
+            x.apply_op1_no_bwd(&Im2Col { geometry: g })?
+        };
+        parts.push(
+            weight
+                .broadcast_left(n)?
+                .matmul(&windows)?
+                .reshape((n, g.c_out, oh, ow))?,
+        );
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// [`conv2d_input_grad`] as a gemm and a scatter-add, the way PyTorch computes it on CPU: every
+/// output position's gradient times the weight gives its window's `c_in x kh x kw` contributions
+/// (`W^T g`, the same multiply-adds as the forward convolution whatever the stride), which col2im adds
+/// into the input positions the window covers. CPU, f32 and f64 only.
+pub fn conv2d_input_grad_col2im(
+    grad: &Tensor,
+    weight: &Tensor,
+    input_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    col2im_input_grad(grad, weight, input_hw, stride, padding, WINDOW_BUDGET)
+}
+
+fn col2im_input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    input_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let g = Geometry::of_grad(grad, weight, input_hw, stride, padding)?;
+    let (oh, ow) = (g.rows.out, g.cols.out);
+    // [c_out, c_in, kh, kw] -> [c_in * kh * kw, c_out] (a transposed view; gemm takes the strides).
+    let weight_t = weight.reshape((g.c_out, g.taps()))?.t()?;
+    let grad = grad.reshape((g.b, g.c_out, oh * ow))?;
+    let chunk = chunk_size(&g, budget);
+    let mut parts = Vec::with_capacity(g.b.div_ceil(chunk));
+    for start in (0..g.b).step_by(chunk) {
+        let n = chunk.min(g.b - start);
+        let windows = weight_t
+            .broadcast_left(n)?
+            .matmul(&grad.narrow(0, start, n)?)?;
+        parts.push(if g.is_pointwise() {
+            // Each window is one input position: nothing to scatter.
+            windows.reshape((n, g.c_in, oh, ow))?
+        } else {
+            windows.apply_op1_no_bwd(&Col2Im { geometry: g })?
+        });
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// [`conv2d_input_grad`] with candle's forward `conv2d` only: the output gradient spread out with
+/// `s - 1` zeros between neighbours, padded, and convolved (stride 1) with the weight flipped in both
+/// spatial dimensions and with its in/out channels swapped. Any device and dtype candle's convolution
+/// supports; costs `s^2` times the forward's multiply-adds for stride `s`, and is slow on CPU when
+/// `c_in` is small (the image-facing stem).
+pub fn conv2d_input_grad_conv(
+    grad: &Tensor,
+    weight: &Tensor,
+    input_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let Geometry { rows, cols, .. } = Geometry::of_grad(grad, weight, input_hw, stride, padding)?;
+    // [c_out, c_in, kh, kw] -> flipped, [c_in, c_out, kh, kw]: the adjoint's kernel.
+    let adjoint_kernel = weight.flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
+    // A 1x1 kernel mixes channels per position, so it commutes with spreading and padding: apply it
+    // to the small gradient first instead of to the spread-out one (s^2 times fewer positions).
+    let pointwise = rows.k == 1 && cols.k == 1;
+    let grad = if pointwise {
+        grad.conv2d(&adjoint_kernel, 0, 1, 1, 1)?
+    } else {
+        grad.clone()
+    };
+    let spread = spread_with_zeros(&grad, stride)?;
+    // Padding both axes share goes to conv2d (no copy); the rest is explicit padding or cropping.
+    let (rows_before, rows_after) = rows.pad_of_spread();
+    let (cols_before, cols_after) = cols.pad_of_spread();
+    let shared = if pointwise {
+        0
+    } else {
+        rows_before
+            .min(rows_after)
+            .min(cols_before)
+            .min(cols_after)
+            .max(0)
+    };
+    let spread = pad_or_crop(&spread, 2, rows_before - shared, rows_after - shared)?;
+    let spread = pad_or_crop(&spread, 3, cols_before - shared, cols_after - shared)?;
+    if pointwise {
+        Ok(spread)
+    } else {
+        spread.conv2d(&adjoint_kernel, shared as usize, 1, 1, 1)
+    }
+}
+
+/// Shapes of one convolution (batch, channels, both spatial axes), checked against each other.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    rows: AxisGeometry,
+    cols: AxisGeometry,
+}
+
+impl Geometry {
+    /// The convolution of `x` (`[b, c_in, h, w]`) by `weight`.
+    fn of_forward(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        let (b, c_in, h, w) = x.dims4()?;
+        let (c_out, c_in_k, kh, kw) = weight.dims4()?;
+        if c_in != c_in_k {
+            bail!("conv2d_const_weight: input has {c_in} channels but the weight expects {c_in_k}")
+        }
+        Ok(Self {
+            b,
+            c_in,
+            c_out,
+            rows: AxisGeometry::new("height", h, kh, stride, padding)?,
+            cols: AxisGeometry::new("width", w, kw, stride, padding)?,
+        })
+    }
+
+    /// The convolution whose output gradient is `grad` (`[b, c_out, oh, ow]`), for an input of
+    /// spatial size `(h, w)`.
+    fn of_grad(
+        grad: &Tensor,
+        weight: &Tensor,
+        (h, w): (usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (b, c_out, oh, ow) = grad.dims4()?;
+        let (c_out_k, c_in, kh, kw) = weight.dims4()?;
+        if c_out != c_out_k {
+            bail!("conv2d_input_grad: gradient has {c_out} channels but the weight has {c_out_k} outputs")
+        }
+        let geometry = Self {
+            b,
+            c_in,
+            c_out,
+            rows: AxisGeometry::new("height", h, kh, stride, padding)?,
+            cols: AxisGeometry::new("width", w, kw, stride, padding)?,
+        };
+        let (eh, ew) = (geometry.rows.out, geometry.cols.out);
+        if (oh, ow) != (eh, ew) {
+            bail!(
+                "conv2d_input_grad: gradient size {oh}x{ow} does not match input {h}x{w} (kernel {kh}x{kw}, stride {stride}, padding {padding}: expected {eh}x{ew})"
+            )
+        }
+        Ok(geometry)
+    }
+
+    /// Entries of one window: `c_in * kh * kw`.
+    fn taps(&self) -> usize {
+        self.c_in * self.rows.k * self.cols.k
+    }
+
+    /// 1x1 kernel, stride 1, no padding: windows are the input positions themselves.
+    fn is_pointwise(&self) -> bool {
+        [self.rows, self.cols]
+            .iter()
+            .all(|a| a.k == 1 && a.stride == 1 && a.padding == 0)
+    }
+
+    /// Calls `f(window_start, input_start, count)` for every run of window entries of one
+    /// (sample, channel) plane that come from inside the input (not from padding): window entries
+    /// `window_start..window_start + count` of the plane's `[kh * kw, oh * ow]` window buffer are input
+    /// entries `input_start, input_start + s, ...` of its `[h, w]` plane. Shared by im2col and col2im.
+    fn for_each_run(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (rows, cols) = (self.rows, self.cols);
+        let plane = rows.out * cols.out;
+        for i in 0..rows.k {
+            let (oy_first, oy_end) = rows.outputs_inside(i);
+            for j in 0..cols.k {
+                let (ox_first, ox_end) = cols.outputs_inside(j);
+                if ox_first == ox_end {
+                    continue;
+                }
+                let x_first = ox_first * cols.stride + j - cols.padding;
+                let tap = (i * cols.k + j) * plane;
+                for oy in oy_first..oy_end {
+                    let y = oy * rows.stride + i - rows.padding;
+                    f(
+                        tap + oy * cols.out + ox_first,
+                        y * cols.n + x_first,
+                        ox_end - ox_first,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One spatial axis of the convolution: input length `n`, kernel `k`, output length `out`.
+#[derive(Debug, Clone, Copy)]
+struct AxisGeometry {
+    n: usize,
+    k: usize,
+    out: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl AxisGeometry {
+    fn new(axis: &str, n: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        if stride == 0 || k == 0 {
+            bail!("conv2d: stride ({stride}) and kernel {axis} ({k}) must be positive")
+        }
+        if n + 2 * padding < k {
+            bail!("conv2d: input {axis} {n} with padding {padding} is smaller than the kernel {k}")
+        }
+        Ok(Self {
+            n,
+            k,
+            out: (n + 2 * padding - k) / stride + 1,
+            stride,
+            padding,
+        })
+    }
+
+    /// The output positions whose window puts kernel tap `i` inside the input (not on padding):
+    /// `o` in `first..end` with `0 <= o * s + i - p < n`.
+    fn outputs_inside(&self, i: usize) -> (usize, usize) {
+        let first = self.padding.saturating_sub(i).div_ceil(self.stride);
+        let end = if self.n + self.padding > i {
+            ((self.n + self.padding - i - 1) / self.stride + 1).min(self.out)
+        } else {
+            0
+        };
+        (first.min(end), end)
+    }
+
+    /// Zeros to add (negative: entries to drop) before and after the spread gradient, whose length is
+    /// `out * s` (the last `s - 1` entries being zeros), so that a stride-1 valid convolution with
+    /// the `k`-long adjoint kernel yields exactly `n` positions. Input positions past the last window,
+    /// `(n + 2p - k) mod s` of them, get padding and hence a zero gradient.
+    fn pad_of_spread(&self) -> (isize, isize) {
+        let (k, s, p) = (self.k as isize, self.stride as isize, self.padding as isize);
+        let uncovered = ((self.n + 2 * self.padding - self.k) % self.stride) as isize;
+        (k - 1 - p, k - 1 - p + uncovered - (s - 1))
+    }
+}
+
+/// `[b, c, h, w]` -> `[b, c, h * s, w * s]` with each entry followed by `s - 1` zeros along both spatial
+/// axes (entry `(i, j)` moves to `(i * s, j * s)`).
+fn spread_with_zeros(t: &Tensor, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(t.clone());
+    }
+    let (b, c, h, w) = t.dims4()?;
+    t.reshape((b, c, h, 1, w, 1))?
+        .pad_with_zeros(5, 0, s - 1)?
+        .pad_with_zeros(3, 0, s - 1)?
+        .reshape((b, c, h * s, w * s))
+}
+
+/// Adds `before`/`after` zeros along `dim`, or drops entries where they are negative.
+fn pad_or_crop(t: &Tensor, dim: usize, before: isize, after: isize) -> Result<Tensor> {
+    let len = t.dim(dim)? as isize;
+    let (drop_before, drop_after) = ((-before).max(0), (-after).max(0));
+    let t = if drop_before + drop_after > 0 {
+        if drop_before + drop_after >= len {
+            bail!("conv2d_input_grad: padding too large for the kernel along dimension {dim}")
+        }
+        t.narrow(
+            dim,
+            drop_before as usize,
+            (len - drop_before - drop_after) as usize,
+        )?
+    } else {
+        t.clone()
+    };
+    t.pad_with_zeros(dim, before.max(0) as usize, after.max(0) as usize)
+}
+
+/// The op [`conv2d_const_weight`] puts in the graph. Its forward value is computed before the op is
+/// applied, from detached inputs (candle 0.11 offers no public way to call a backend's convolution from
+/// a custom op: `ParamsConv2D` cannot be built outside candle), and handed over once through `output`,
+/// which the forward empties so the graph does not keep a second copy alive.
+struct ConstWeightConv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+    output: Mutex<Option<Tensor>>,
+}
+
+impl ConstWeightConv2d {
+    fn take_output(&self) -> Result<Tensor> {
+        let mut output = self
+            .output
+            .lock()
+            .map_err(|_| Error::Msg("conv2d_const_weight: poisoned lock".into()))?;
+        output
+            .take()
+            .ok_or_else(|| Error::Msg("conv2d_const_weight: forward ran twice".into()))
+    }
+
+    /// Copies the precomputed output out of its storage for the backend `pick` selects.
+    fn forward_on<S: BackendStorage>(
+        &self,
+        pick: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let y = self.take_output()?;
+        let (storage, layout) = y.storage_and_layout();
+        // The forward allocates a fresh, exactly sized, contiguous output, so a plain clone of the
+        // storage is the output in row-major order.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            bail!("conv2d_const_weight: unexpected strided conv2d output")
+        }
+        match pick(&storage) {
+            Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            None => bail!("conv2d_const_weight: input and output on different devices"),
+        }
+    }
+}
+
+impl CustomOp1 for ConstWeightConv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-const-weight"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward_on(|s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.forward_on(|s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
+        self.forward_on(|s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = arg.dims4()?;
+        conv2d_input_grad(grad_res, &self.weight, (h, w), self.stride, self.padding).map(Some)
+    }
+}
+
+/// Gathers every output position's window, `[n, c_in, h, w]` -> `[n, c_in * kh * kw, oh * ow]`
+/// (row-major over `c_in, kh, kw`; zeros for padding). CPU only; no backward.
+struct Im2Col {
+    geometry: Geometry,
+}
+
+impl Im2Col {
+    fn run<T: Copy + Default + Send + Sync>(&self, input: &[T]) -> Vec<T> {
+        let g = &self.geometry;
+        let (plane_in, plane_windows) = (
+            g.rows.n * g.cols.n,
+            g.rows.k * g.cols.k * g.rows.out * g.cols.out,
+        );
+        let stride = g.cols.stride;
+        let mut windows = vec![T::default(); input.len() / plane_in * plane_windows];
+        // One (sample, channel) plane per task: planes are independent.
+        windows
+            .par_chunks_mut(plane_windows)
+            .zip(input.par_chunks(plane_in))
+            .for_each(|(dst, src)| {
+                g.for_each_run(|window, input, count| {
+                    let dst = &mut dst[window..window + count];
+                    if stride == 1 {
+                        dst.copy_from_slice(&src[input..input + count]);
+                    } else {
+                        for (d, &s) in dst.iter_mut().zip(src[input..].iter().step_by(stride)) {
+                            *d = s;
+                        }
+                    }
+                })
+            });
+        windows
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let n = layout.dims()[0];
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("im2col: the input must be contiguous")
+        };
+        let windows = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
+            other => bail!(
+                "im2col: unsupported dtype {:?} (f32 and f64 only)",
+                other.dtype()
+            ),
+        };
+        Ok((windows, Shape::from((n, g.taps(), g.rows.out * g.cols.out))))
+    }
+}
+
+/// Adds window contributions `[n, c_in * kh * kw, oh * ow]` (row-major over `c_in, kh, kw`) into the
+/// input positions they belong to, `[n, c_in, h, w]` (dropping those on padding): the adjoint of
+/// [`Im2Col`]. CPU only; no backward.
+struct Col2Im {
+    geometry: Geometry,
+}
+
+impl Col2Im {
+    fn run<T>(&self, windows: &[T]) -> Vec<T>
+    where
+        T: Copy + Default + std::ops::AddAssign + Send + Sync,
+    {
+        let g = &self.geometry;
+        let (plane_out, plane_windows) = (
+            g.rows.n * g.cols.n,
+            g.rows.k * g.cols.k * g.rows.out * g.cols.out,
+        );
+        let stride = g.cols.stride;
+        let mut out = vec![T::default(); windows.len() / plane_windows * plane_out];
+        // One (sample, channel) plane per task: each input plane only receives its own windows.
+        out.par_chunks_mut(plane_out)
+            .zip(windows.par_chunks(plane_windows))
+            .for_each(|(dst, src)| {
+                g.for_each_run(|window, input, count| {
+                    let src = &src[window..window + count];
+                    if stride == 1 {
+                        for (d, &s) in dst[input..input + count].iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    } else {
+                        for (d, &s) in dst[input..].iter_mut().step_by(stride).zip(src) {
+                            *d += s;
+                        }
+                    }
+                })
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let n = layout.dims()[0];
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("col2im: window contributions must be contiguous")
+        };
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
+            other => bail!(
+                "col2im: unsupported dtype {:?} (f32 and f64 only)",
+                other.dtype()
+            ),
+        };
+        Ok((out, Shape::from((n, g.c_in, g.rows.n, g.cols.n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Going through the batch in chunks (here of one or two samples) gives the same result as one
+    /// chunk, for the forward and the input gradient.
+    #[test]
+    fn chunked_batches_match_one_chunk() -> Result<()> {
+        let dev = Device::Cpu;
+        for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0)] {
+            let x = Tensor::randn(0f64, 1., (5, 3, 9, 8), &dev)?;
+            let w = Tensor::randn(0f64, 1., (4, 3, k, k), &dev)?;
+            let g = Geometry::of_forward(&x, &w, stride, padding)?;
+            let window = g.taps() * g.rows.out * g.cols.out;
+            let whole = conv2d_im2col(&x, &w, g, usize::MAX)?;
+            let grad = Tensor::randn(0f64, 1., whole.dims(), &dev)?;
+            let grad_whole = col2im_input_grad(&grad, &w, (9, 8), stride, padding, usize::MAX)?;
+            for budget in [1, 2 * window] {
+                let y = conv2d_im2col(&x, &w, g, budget)?;
+                let gx = col2im_input_grad(&grad, &w, (9, 8), stride, padding, budget)?;
+                let dy = (y - &whole)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let dgx = (gx - &grad_whole)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(
+                    dy.max(dgx) <= 1e-12,
+                    "k{k} s{stride} p{padding} budget {budget}: {dy:e} {dgx:e}"
+                );
+            }
+        }
+        Ok(())
+    }
+}

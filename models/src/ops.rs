@@ -1,0 +1,315 @@
+//! Differentiable tensor ops whose candle 0.11 versions do not match PyTorch's gradients.
+//!
+//! * [`clamp_with_torch_grad`]: candle builds `clamp` from `minimum`/`maximum`, whose backward splits
+//!   the gradient in half where the input equals a bound. PyTorch's `clamp(x, lo, hi)` with scalar
+//!   bounds (the pinned torch 2.15, see `xtask/reference/requirements.txt`) passes the gradient only
+//!   strictly inside, `lo < x < hi`, and gives zero at the bounds. Pixels sit exactly at 0 or 1 all the
+//!   time (saturated images, PGD's projection), so robust classifiers' input normalization needs the
+//!   PyTorch rule to reproduce robustness' gradients and attacks.
+//! * [`max_pool2d`]: candle's `max_pool2d` has no backward unless kernel == stride, and ResNet's ImageNet
+//!   stem pools 3x3 with stride 2 and padding 1. This one pads with -inf like PyTorch and routes each
+//!   window's gradient to its first maximum in row-major order, as PyTorch does on ties.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+
+/// Clamps to `[lo, hi]` with the gradient of PyTorch's scalar-bound `clamp` (torch 2.15): the upstream
+/// gradient passes unchanged where `lo < x < hi` and is zero elsewhere, bounds included. (Older torch
+/// releases passed it at the bounds too; the fixtures pin the reference version's behaviour.) Built
+/// from device-generic candle ops.
+pub fn clamp_with_torch_grad(x: &Tensor, lo: f64, hi: f64) -> Result<Tensor> {
+    let inside = x.gt(lo)?.mul(&x.lt(hi)?)?;
+    // Strictly inside the interval the value is x itself, and so is the gradient's path; elsewhere it
+    // is the clamped value from a detached clamp, so no gradient reaches x there.
+    inside.where_cond(x, &x.clamp(lo, hi)?.detach())
+}
+
+/// Output size and window placement of a 2D pooling, with PyTorch's rules (floor mode, no dilation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PoolGeometry {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl PoolGeometry {
+    fn new(h: usize, w: usize, kernel: usize, stride: usize, padding: usize) -> Result<Self> {
+        if kernel == 0 || stride == 0 {
+            bail!("max_pool2d: kernel ({kernel}) and stride ({stride}) must be positive")
+        }
+        if 2 * padding > kernel {
+            bail!("max_pool2d: padding ({padding}) must be at most half the kernel ({kernel})")
+        }
+        if h + 2 * padding < kernel || w + 2 * padding < kernel {
+            bail!("max_pool2d: input {h}x{w} with padding {padding} is smaller than the kernel {kernel}")
+        }
+        let oh = (h + 2 * padding - kernel) / stride + 1;
+        let ow = (w + 2 * padding - kernel) / stride + 1;
+        Ok(Self {
+            kernel,
+            stride,
+            padding,
+            h,
+            w,
+            oh,
+            ow,
+        })
+    }
+
+    /// Index (within one `h x w` plane) of the maximum of output window `(oy, ox)`: the first maximum
+    /// in row-major window order, NaN winning like in PyTorch's CPU kernel. Out-of-range (padding)
+    /// positions count as -inf, so they are never chosen over an in-range element.
+    fn argmax<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
+        let y0 = (oy * self.stride).saturating_sub(self.padding);
+        let x0 = (ox * self.stride).saturating_sub(self.padding);
+        let y1 = (oy * self.stride + self.kernel - self.padding).min(self.h);
+        let x1 = (ox * self.stride + self.kernel - self.padding).min(self.w);
+        let mut best = y0 * self.w + x0;
+        let mut best_val = T::from_f64(f64::NEG_INFINITY);
+        for y in y0..y1 {
+            for x in x0..x1 {
+                let i = y * self.w + x;
+                let v = plane[i];
+                #[allow(clippy::eq_op)]
+                let is_nan = v != v;
+                if v > best_val || is_nan {
+                    best_val = v;
+                    best = i;
+                }
+            }
+        }
+        best
+    }
+
+    fn forward<T: WithDType>(&self, x: &[T], planes: usize) -> Vec<T> {
+        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        let mut out = Vec::with_capacity(planes * ohw);
+        for plane in x.chunks_exact(hw).take(planes) {
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    out.push(plane[self.argmax(plane, oy, ox)]);
+                }
+            }
+        }
+        out
+    }
+
+    fn backward<T: WithDType>(&self, x: &[T], grad_out: &[T], planes: usize) -> Vec<T> {
+        let (hw, ohw) = (self.h * self.w, self.oh * self.ow);
+        let mut grad = vec![T::zero(); planes * hw];
+        for p in 0..planes {
+            let plane = &x[p * hw..(p + 1) * hw];
+            let g_plane = &mut grad[p * hw..(p + 1) * hw];
+            let go = &grad_out[p * ohw..(p + 1) * ohw];
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    g_plane[self.argmax(plane, oy, ox)] += go[oy * self.ow + ox];
+                }
+            }
+        }
+        grad
+    }
+}
+
+fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("max_pool2d: {what} must be contiguous"),
+    }
+}
+
+/// CPU max pooling (f32/f64) as a candle custom op, so it gets its own backward.
+struct MaxPool2dCpu {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp1 for MaxPool2dCpu {
+    fn name(&self) -> &'static str {
+        "bigroc-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let g = PoolGeometry::new(h, w, self.kernel, self.stride, self.padding)?;
+        let out = match storage {
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(g.forward(contiguous_slice(v, layout, "input")?, n * c))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(g.forward(contiguous_slice(v, layout, "input")?, n * c))
+            }
+            s => bail!(
+                "max_pool2d: CPU kernel supports f32 and f64, got {:?}",
+                s.dtype()
+            ),
+        };
+        Ok((out, Shape::from((n, c, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let backward = MaxPool2dCpuBackward {
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        let grad = arg
+            .contiguous()?
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &backward)?;
+        Ok(Some(grad))
+    }
+}
+
+/// Gradient of [`MaxPool2dCpu`]: inputs (pooled input, gradient of the output), output the gradient
+/// of the input, scattered to each window's argmax (summed where windows overlap).
+struct MaxPool2dCpuBackward {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for MaxPool2dCpuBackward {
+    fn name(&self) -> &'static str {
+        "bigroc-max-pool2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let g = PoolGeometry::new(h, w, self.kernel, self.stride, self.padding)?;
+        if l2.shape().dims() != [n, c, g.oh, g.ow] {
+            bail!(
+                "max_pool2d backward: gradient shape {:?} does not match the output {:?}",
+                l2.shape(),
+                (n, c, g.oh, g.ow)
+            )
+        }
+        let grad = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(go)) => CpuStorage::F32(g.backward(
+                contiguous_slice(x, l1, "input")?,
+                contiguous_slice(go, l2, "gradient")?,
+                n * c,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(go)) => CpuStorage::F64(g.backward(
+                contiguous_slice(x, l1, "input")?,
+                contiguous_slice(go, l2, "gradient")?,
+                n * c,
+            )),
+            (a, b) => bail!(
+                "max_pool2d backward: unsupported dtypes {:?}/{:?}",
+                a.dtype(),
+                b.dtype()
+            ),
+        };
+        Ok((grad, l1.shape().clone()))
+    }
+}
+
+/// 2D max pooling of an `(N, C, H, W)` tensor with PyTorch's semantics (`F.max_pool2d(x, kernel,
+/// stride, padding)`, floor mode): padding counts as -inf, and the backward pass sends each window's
+/// gradient to its first maximum in row-major order. f32/f64 on the CPU run a direct kernel; other
+/// devices and dtypes use [`max_pool2d_composite`].
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    PoolGeometry::new(h, w, kernel, stride, padding)?;
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(MaxPool2dCpu {
+            kernel,
+            stride,
+            padding,
+        })
+    } else {
+        max_pool2d_composite(x, kernel, stride, padding)
+    }
+}
+
+/// [`max_pool2d`] built only from differentiable candle ops, so it runs (forward and backward) on any
+/// device: the input is padded with -inf, each of the `kernel^2` window offsets becomes a strided view
+/// (narrow + reshape), and the output picks, per window, the first offset that attains the maximum
+/// (`where_cond`, whose backward routes the gradient to exactly that element). Unlike the CPU kernel
+/// it does not propagate NaN.
+pub fn max_pool2d_composite(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let g = PoolGeometry::new(h, w, kernel, stride, padding)?;
+    // Rows/columns the windows need: offsets 0..kernel, each followed by oh (ow) strides.
+    let need_h = kernel - 1 + stride * g.oh;
+    let need_w = kernel - 1 + stride * g.ow;
+    let neg_inf = |rows: usize, cols: usize| -> Result<Tensor> {
+        Tensor::full(f32::NEG_INFINITY, (n, c, rows, cols), x.device())?.to_dtype(x.dtype())
+    };
+    let pad_to = |t: &Tensor, dim: usize, before: usize, total: usize| -> Result<Tensor> {
+        let (_, _, th, tw) = t.dims4()?;
+        let size = if dim == 2 { th } else { tw };
+        let after = total.saturating_sub(before + size);
+        let block = |len: usize| {
+            if dim == 2 {
+                neg_inf(len, tw)
+            } else {
+                neg_inf(th, len)
+            }
+        };
+        let mut parts = Vec::with_capacity(3);
+        if before > 0 {
+            parts.push(block(before)?);
+        }
+        parts.push(t.clone());
+        if after > 0 {
+            parts.push(block(after)?);
+        }
+        let t = if parts.len() == 1 {
+            t.clone()
+        } else {
+            Tensor::cat(&parts, dim)?
+        };
+        t.narrow(dim, 0, total)
+    };
+    let padded = pad_to(&pad_to(x, 2, padding, need_h)?, 3, padding, need_w)?;
+
+    let mut windows = Vec::with_capacity(kernel * kernel);
+    for ky in 0..kernel {
+        let rows = padded
+            .narrow(2, ky, stride * g.oh)?
+            .reshape((n, c, g.oh, stride, need_w))?
+            .narrow(3, 0, 1)?
+            .squeeze(3)?;
+        for kx in 0..kernel {
+            let win = rows
+                .narrow(3, kx, stride * g.ow)?
+                .reshape((n, c, g.oh, g.ow, stride))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
+            windows.push(win);
+        }
+    }
+    let mut max = windows[0].detach();
+    for win in &windows[1..] {
+        max = max.maximum(&win.detach())?;
+    }
+    let zeros = max.zeros_like()?;
+    let mut taken = zeros.clone();
+    let mut out = zeros.clone();
+    for win in &windows {
+        let is_max = win.detach().eq(&max)?.to_dtype(x.dtype())?;
+        let first = (is_max * (1.0 - &taken)?)?;
+        taken = (taken + &first)?;
+        out = (out + first.to_dtype(DType::U8)?.where_cond(win, &zeros)?)?;
+    }
+    Ok(out)
+}
