@@ -10,7 +10,8 @@
 //! - [`diffusion`], [`adm`]: OpenAI's guided-diffusion sampler (schedules, respacing, guided
 //!   p_sample and DDIM) and the ADM model configurations.
 //!
-//! - [`eval`]: FID, precision/recall and Inception Score with the FID Inception network.
+//! - [`eval`]: FID, precision/recall and Inception Score on the FID Inception-v3, with the numbers
+//!   of pytorch-fid / torch-fidelity / OpenAI's evaluator.
 //!
 //! The native architectures live in the `bigroc-models` crate.
 

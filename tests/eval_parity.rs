@@ -38,16 +38,35 @@ fn shared(rel: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("SKIPPED: {} is absent (the shared data of this workplace)", p.display());
+        eprintln!(
+            "SKIPPED: {} is absent (the shared data of this workplace)",
+            p.display()
+        );
         None
     }
 }
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(a.len(), b.len(), "shapes differ");
-    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     let scale = b.iter().map(|y| y.abs()).fold(f32::MIN_POSITIVE, f32::max);
     diff / scale
 }
@@ -57,10 +76,15 @@ fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
 /// 299x299, downsampling from 340x410).
 #[test]
 fn inception_torchscript_features_match_torch() {
-    let Some(path) = shared("models/inception-2015-12-05.pt") else { return };
+    let Some(path) = shared("models/inception-2015-12-05.pt") else {
+        return;
+    };
     let net = FidInception::load(&path, &Device::Cpu).unwrap();
     assert_eq!(net.format, WeightsFormat::TorchScript);
-    assert!(!net.has_logits(), "the TorchScript archive has no classifier");
+    assert!(
+        !net.has_logits(),
+        "the TorchScript archive has no classifier"
+    );
     let fx = fixture("eval_inception_torchscript.safetensors");
     let groups = fixture_config("eval_inception_torchscript.safetensors")["groups"].clone();
     for group in groups.as_array().unwrap() {
@@ -77,10 +101,18 @@ fn inception_torchscript_features_match_torch() {
 /// measured and bounded, and reported here.
 #[test]
 fn cifar_jpeg_decoding_close_to_pil() {
-    let Some(tar) = shared("data/cifar10/test.tar") else { return };
+    let Some(tar) = shared("data/cifar10/test.tar") else {
+        return;
+    };
     let fx = fixture("eval_inception_torchscript.safetensors");
-    let names = fixture_config("eval_inception_torchscript.safetensors")["cifar_tar_members"].clone();
-    let names: Vec<String> = names.as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    let names =
+        fixture_config("eval_inception_torchscript.safetensors")["cifar_tar_members"].clone();
+    let names: Vec<String> = names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
     let pil = fx["images.cifar"].to_dtype(DType::F32).unwrap();
     let mut archive = tar::Archive::new(std::fs::File::open(&tar).unwrap());
     let mut ours = vec![None; names.len()];
@@ -95,13 +127,25 @@ fn cifar_jpeg_decoding_close_to_pil() {
             ours[i] = Some(t.permute((2, 0, 1)).unwrap().to_dtype(DType::F32).unwrap());
         }
     }
-    let ours: Vec<Tensor> = ours.into_iter().map(|t| t.expect("member missing from the tar")).collect();
+    let ours: Vec<Tensor> = ours
+        .into_iter()
+        .map(|t| t.expect("member missing from the tar"))
+        .collect();
     let ours = Tensor::stack(&ours, 0).unwrap();
     let diff = (ours - &pil).unwrap().abs().unwrap();
-    let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let max = diff
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let mean = diff.mean_all().unwrap().to_scalar::<f32>().unwrap();
     println!("JPEG decode vs PIL: max abs diff {max} levels, mean {mean:.4}");
-    assert!(max <= 8.0 && mean <= 1.0, "image crate decodes far from PIL: max {max}, mean {mean}");
+    assert!(
+        max <= 8.0 && mean <= 1.0,
+        "image crate decodes far from PIL: max {max}, mean {mean}"
+    );
 }
 
 /// The same network in pytorch-fid's layout (torchvision names, batch-norm scales, a classifier,
@@ -110,7 +154,9 @@ fn cifar_jpeg_decoding_close_to_pil() {
 /// the first 64 rows of the random 1008-way classifier.
 #[test]
 fn inception_pytorch_fid_layout_matches_pytorch_fid() {
-    let Some(path) = shared("models/inception-2015-12-05.pt") else { return };
+    let Some(path) = shared("models/inception-2015-12-05.pt") else {
+        return;
+    };
     let (mut tensors, _) = read_inception_tensors(&path).unwrap();
     let fx = fixture("eval_inception_pytorch_fid.safetensors");
     for (k, v) in &fx {
@@ -118,16 +164,25 @@ fn inception_pytorch_fid_layout_matches_pytorch_fid() {
             tensors.insert(name.to_string(), v.clone());
         }
     }
-    let net = FidInception::from_tensors(tensors, WeightsFormat::Torchvision, &path, &Device::Cpu).unwrap();
-    assert_eq!(net.scaling, bigroc_models::inception::InputScaling::PytorchFid);
+    let net = FidInception::from_tensors(tensors, WeightsFormat::Torchvision, &path, &Device::Cpu)
+        .unwrap();
+    assert_eq!(
+        net.scaling,
+        bigroc_models::inception::InputScaling::PytorchFid
+    );
     let rows = fx["weights.fc.weight"].dim(0).unwrap();
     for group in ["cifar", "rand_45x61"] {
         let out = net.forward_images(&fx[&format!("images.{group}")]).unwrap();
         let err_pool = max_rel_err(&out.pool, &fx[&format!("pool.{group}")]);
         let expected_logits = fx[&format!("logits.{group}")].narrow(1, 0, rows).unwrap();
         let err_logits = max_rel_err(&out.logits.unwrap(), &expected_logits);
-        println!("pytorch-fid layout {group}: pool max rel err {err_pool:.3e}, logits {err_logits:.3e}");
-        assert!(err_pool <= 1e-4 && err_logits <= 1e-4, "{group}: {err_pool} {err_logits}");
+        println!(
+            "pytorch-fid layout {group}: pool max rel err {err_pool:.3e}, logits {err_logits:.3e}"
+        );
+        assert!(
+            err_pool <= 1e-4 && err_logits <= 1e-4,
+            "{group}: {err_pool} {err_logits}"
+        );
     }
 }
 
@@ -137,7 +192,10 @@ fn inception_pytorch_fid_layout_matches_pytorch_fid() {
 fn pytorch_fid_pth_end_to_end() {
     let path = Path::new(ROOT).join("target/reference/pt_inception_fixture_legacy.pth");
     if !path.exists() {
-        eprintln!("SKIPPED: {} is absent (run xtask/reference/eval_fixtures.py)", path.display());
+        eprintln!(
+            "SKIPPED: {} is absent (run xtask/reference/eval_fixtures.py)",
+            path.display()
+        );
         return;
     }
     let net = FidInception::load(&path, &Device::Cpu).unwrap();
@@ -158,7 +216,10 @@ fn pth_reader_zip_and_legacy() {
     let expected = fixture("eval_pth_subset.safetensors");
     for file in ["eval_pth_subset_zip.pth", "eval_pth_subset_legacy.pth"] {
         let got: HashMap<String, Tensor> =
-            read_torch_tensors(&Path::new(ROOT).join("tests/fixtures").join(file)).unwrap().into_iter().collect();
+            read_torch_tensors(&Path::new(ROOT).join("tests/fixtures").join(file))
+                .unwrap()
+                .into_iter()
+                .collect();
         let mut names: Vec<_> = got.keys().cloned().collect();
         names.sort();
         let mut want: Vec<_> = expected.keys().cloned().collect();
@@ -166,11 +227,23 @@ fn pth_reader_zip_and_legacy() {
         assert_eq!(names, want, "{file}: tensor names");
         for (k, v) in &got {
             assert_eq!(v.dims(), expected[k].dims(), "{file}: {k} shape");
-            let diff = (v.to_dtype(DType::F32).unwrap() - &expected[k]).unwrap().abs().unwrap();
-            let max = diff.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let diff = (v.to_dtype(DType::F32).unwrap() - &expected[k])
+                .unwrap()
+                .abs()
+                .unwrap();
+            let max = diff
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert_eq!(max, 0.0, "{file}: {k} values");
         }
-        assert_eq!(got["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype(), DType::I64);
+        assert_eq!(
+            got["Conv2d_1a_3x3.bn.num_batches_tracked"].dtype(),
+            DType::I64
+        );
         println!("{file}: {} tensors read exactly", got.len());
     }
 }
@@ -183,11 +256,19 @@ fn fid_matches_pytorch_fid() {
     for case in ["full_rank", "singular"] {
         let stats = |k: &str| {
             let f = &fx[&format!("{case}.{k}")];
-            FidStats::from_features(&f.flatten_all().unwrap().to_vec1::<f32>().unwrap(), f.dim(1).unwrap()).unwrap()
+            FidStats::from_features(
+                &f.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                f.dim(1).unwrap(),
+            )
+            .unwrap()
         };
         let got = frechet_distance(&stats("features1"), &stats("features2")).unwrap();
-        let pf = fx[&format!("{case}.fid_pytorch_fid")].to_vec1::<f64>().unwrap()[0];
-        let tf = fx[&format!("{case}.fid_torch_fidelity")].to_vec1::<f64>().unwrap()[0];
+        let pf = fx[&format!("{case}.fid_pytorch_fid")]
+            .to_vec1::<f64>()
+            .unwrap()[0];
+        let tf = fx[&format!("{case}.fid_torch_fidelity")]
+            .to_vec1::<f64>()
+            .unwrap()[0];
         println!(
             "FID {case}: ours {:.9}, pytorch-fid {pf:.9} (diff {:.2e}), torch-fidelity {tf:.9} (diff {:.2e})",
             got.fid,
@@ -213,7 +294,9 @@ fn stats_and_stats_file_round_trip() {
     let fx = fixture("eval_fid.safetensors");
     let feats = &fx["full_rank.features1"];
     // Pad to 2048-d (the file layout is for pool features).
-    let feats = feats.pad_with_zeros(1, 0, 2048 - feats.dim(1).unwrap()).unwrap();
+    let feats = feats
+        .pad_with_zeros(1, 0, 2048 - feats.dim(1).unwrap())
+        .unwrap();
     let set = FeatureSet {
         pool: feats.flatten_all().unwrap().to_vec1().unwrap(),
         count: feats.dim(0).unwrap(),
@@ -240,7 +323,11 @@ fn precision_recall_matches_torch_fidelity() {
         let pr = precision_recall(&fx["real"], &fx["fake"], 3, block).unwrap();
         let p = fx["precision"].to_vec1::<f64>().unwrap()[0];
         let r = fx["recall"].to_vec1::<f64>().unwrap()[0];
-        let pn = fx["precision_numpy_f64"].to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0];
+        let pn = fx["precision_numpy_f64"]
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()[0];
         println!(
             "precision {} (torch-fidelity {p}, numpy f64 {pn}), recall {} (torch-fidelity {r}), block {block}",
             pr.precision, pr.recall
@@ -255,11 +342,18 @@ fn precision_recall_matches_torch_fidelity() {
 fn inception_score_matches_torch_fidelity() {
     let fx = fixture("eval_inception_score.safetensors");
     let logits = &fx["logits"];
-    let is = inception_score(&logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), logits.dim(1).unwrap(), 10)
-        .unwrap();
+    let is = inception_score(
+        &logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        logits.dim(1).unwrap(),
+        10,
+    )
+    .unwrap();
     let mean = fx["mean"].to_vec1::<f64>().unwrap()[0];
     let std = fx["std"].to_vec1::<f64>().unwrap()[0];
-    println!("IS {} +- {} (torch-fidelity {mean} +- {std})", is.mean, is.std);
+    println!(
+        "IS {} +- {} (torch-fidelity {mean} +- {std})",
+        is.mean, is.std
+    );
     assert!((is.mean - mean).abs() / mean < 1e-9 && (is.std - std).abs() < 1e-9);
 }
 
@@ -267,11 +361,26 @@ fn inception_score_matches_torch_fidelity() {
 #[test]
 fn clear_errors() {
     let missing = Path::new("/nonexistent/inception.pt");
-    let err = FidInception::load(missing, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("/nonexistent/inception.pt") && err.contains("--inception"), "{err}");
+    let err = FidInception::load(missing, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("/nonexistent/inception.pt") && err.contains("--inception"),
+        "{err}"
+    );
     let bad = Path::new(ROOT).join("tests/fixtures/eval_pth_subset_zip.pth");
-    let err = format!("{:#}", FidInception::load(&bad, &Device::Cpu).err().unwrap());
-    assert!(err.contains("eval_pth_subset_zip.pth") && err.contains("not the FID Inception"), "{err}");
-    let err = ImageSet::open(Path::new(ROOT).join("Cargo.toml").as_path()).err().unwrap().to_string();
+    let err = format!(
+        "{:#}",
+        FidInception::load(&bad, &Device::Cpu).err().unwrap()
+    );
+    assert!(
+        err.contains("eval_pth_subset_zip.pth") && err.contains("not the FID Inception"),
+        "{err}"
+    );
+    let err = ImageSet::open(Path::new(ROOT).join("Cargo.toml").as_path())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("Cargo.toml"), "{err}");
 }

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use bigroc::eval::pipeline::{compute_metrics, load_side, EvalReport, LazyInception, Metric, Needs};
+use bigroc::eval::pipeline::{
+    compute_metrics, load_side, EvalReport, LazyInception, Metric, Needs,
+};
 use bigroc::eval::Selection;
 use clap::Args;
 
@@ -42,9 +44,12 @@ pub struct EvalArgs {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let start = Instant::now();
-    let net = LazyInception::new(a.inception.clone(), super::parse_device(&a.device)?);
+    let net = LazyInception::new(a.inception.clone(), bigroc::device::parse_device(&a.device)?);
     let needs = Needs {
-        features: a.metrics.iter().any(|m| matches!(m, Metric::Precision | Metric::Recall)),
+        features: a
+            .metrics
+            .iter()
+            .any(|m| matches!(m, Metric::Precision | Metric::Recall)),
     };
     let mut sides = vec![];
     for (what, path, subset) in [
@@ -52,11 +57,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
         ("reference", &a.reference, a.reference_subset),
     ] {
         // IS needs the samples' logits, which only a network pass gives.
-        let needs = Needs { features: needs.features || (what == "samples" && a.metrics.contains(&Metric::Is)) };
+        let needs = Needs {
+            features: needs.features || (what == "samples" && a.metrics.contains(&Metric::Is)),
+        };
         let mut bar = super::Progress::new(what);
-        let side = load_side(path, subset.unwrap_or_default(), needs, &net, a.batch_size.max(1), &mut |done, total| {
-            bar.update(done, total);
-        })?;
+        let side = load_side(
+            path,
+            subset.unwrap_or_default(),
+            needs,
+            &net,
+            a.batch_size.max(1),
+            &mut |done, total| {
+                bar.update(done, total);
+            },
+        )?;
         bar.finish();
         tracing::info!("{what}: {} ({} images)", path.display(), side.count);
         sides.push(side);
@@ -68,7 +82,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         samples_count: samples.count,
         reference: a.reference.display().to_string(),
         reference_count: reference.count,
-        inception: net.loaded().map(|n| n.path.display().to_string()).unwrap_or_else(|| "not needed".into()),
+        inception: net
+            .loaded()
+            .map(|n| n.path.display().to_string())
+            .unwrap_or_else(|| "not needed".into()),
         ..Default::default()
     };
     compute_metrics(samples, reference, &a.metrics, has_logits, &mut report)?;
@@ -82,7 +99,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 fn print_table(r: &EvalReport) {
-    let count = |n: usize| if n == 0 { "stats file".to_string() } else { n.to_string() };
+    let count = |n: usize| {
+        if n == 0 {
+            "stats file".to_string()
+        } else {
+            n.to_string()
+        }
+    };
     println!("samples    {} ({})", r.samples, count(r.samples_count));
     println!("reference  {} ({})", r.reference, count(r.reference_count));
     println!("{:<10} {:>12}", "metric", "value");

@@ -61,13 +61,9 @@ pub(crate) fn parse_size(s: &str) -> Result<(usize, usize), String> {
     }
 }
 
-/// `--device cpu|cuda|cuda:N|auto`.
-pub(crate) fn parse_device(spec: &str) -> Result<candle_core::Device> {
-    bigroc::device::parse_device(spec)
-}
 
-/// Progress of a feature extraction: a bar with images/s on a terminal, else (CI, logs, nohup) a
-/// log line every 10% with the rate.
+/// Progress of a feature extraction: the shared image bar (images/s) on a terminal, else (CI,
+/// logs, nohup) a log line every 10% with the rate.
 pub(crate) struct Progress {
     bar: indicatif::ProgressBar,
     what: String,
@@ -77,7 +73,12 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new(what: &str) -> Self {
-        Progress { bar: image_bar(what), what: what.to_string(), start: std::time::Instant::now(), next_log: 0 }
+        Progress {
+            bar: bigroc::progress::images(0, 0, what),
+            what: what.to_string(),
+            start: std::time::Instant::now(),
+            next_log: 0,
+        }
     }
 
     pub(crate) fn update(&mut self, done: usize, total: usize) {
@@ -95,18 +96,3 @@ impl Progress {
     }
 }
 
-/// A progress bar over images with throughput, hidden when stderr is not a terminal.
-fn image_bar(what: &str) -> indicatif::ProgressBar {
-    use indicatif::{ProgressBar, ProgressState, ProgressStyle};
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images, {rate} img/s, {elapsed} elapsed, ETA {eta}")
-            .expect("valid template")
-            .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = write!(w, "{:.2}", s.per_sec());
-            })
-            .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}

@@ -33,7 +33,7 @@ pub struct StatsArgs {
 
 pub fn run(a: StatsArgs) -> Result<()> {
     let start = Instant::now();
-    let net = LazyInception::new(a.inception.clone(), super::parse_device(&a.device)?);
+    let net = LazyInception::new(a.inception.clone(), bigroc::device::parse_device(&a.device)?);
     let mut bar = super::Progress::new("features");
     let side = load_side(
         &a.input,
@@ -53,7 +53,11 @@ pub fn run(a: StatsArgs) -> Result<()> {
         a.output.display(),
         features.count,
         stats.dim,
-        if features.logits.is_some() { ", with logits" } else { "" },
+        if features.logits.is_some() {
+            ", with logits"
+        } else {
+            ""
+        },
         start.elapsed().as_secs_f64()
     );
     Ok(())

@@ -23,7 +23,10 @@ impl FeatureSet {
     /// Appends one batch of network outputs.
     pub fn push(&mut self, pool: &Tensor, logits: Option<&Tensor>) -> Result<()> {
         let (n, d) = pool.dims2()?;
-        ensure!(d == FEATURE_DIM, "pool features are {d}-d, expected {FEATURE_DIM}");
+        ensure!(
+            d == FEATURE_DIM,
+            "pool features are {d}-d, expected {FEATURE_DIM}"
+        );
         self.pool.extend(pool.flatten_all()?.to_vec1::<f32>()?);
         if let Some(l) = logits {
             self.classes = l.dim(1)?;
@@ -37,7 +40,11 @@ impl FeatureSet {
 
     /// The pool features as a `(count, 2048)` tensor.
     pub fn pool_tensor(&self, device: &Device) -> Result<Tensor> {
-        Ok(Tensor::from_slice(&self.pool, (self.count, FEATURE_DIM), device)?)
+        Ok(Tensor::from_slice(
+            &self.pool,
+            (self.count, FEATURE_DIM),
+            device,
+        )?)
     }
 
     /// Mean and covariance for FID.
@@ -69,7 +76,11 @@ impl FeatureSet {
     /// The rows `selection` picks (for subsets of cached features).
     pub fn select(&self, selection: super::images::Selection) -> FeatureSet {
         let idx = selection.indices(self.count);
-        let pick = |v: &[f32], w: usize| idx.iter().flat_map(|&i| v[i * w..(i + 1) * w].iter().copied()).collect();
+        let pick = |v: &[f32], w: usize| {
+            idx.iter()
+                .flat_map(|&i| v[i * w..(i + 1) * w].iter().copied())
+                .collect()
+        };
         FeatureSet {
             pool: pick(&self.pool, FEATURE_DIM),
             logits: self.logits.as_ref().map(|l| pick(l, self.classes)),

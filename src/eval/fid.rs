@@ -32,7 +32,10 @@ pub struct FidStats {
 impl FidStats {
     /// Statistics of `features`, row-major `N x dim`.
     pub fn from_features(features: &[f32], dim: usize) -> Result<Self> {
-        ensure!(dim > 0 && features.len() % dim == 0, "feature buffer is not N x {dim}");
+        ensure!(
+            dim > 0 && features.len() % dim == 0,
+            "feature buffer is not N x {dim}"
+        );
         let n = features.len() / dim;
         ensure!(n >= 2, "need at least 2 samples for a covariance, got {n}");
         let mut mu = vec![0f64; dim];
@@ -54,11 +57,25 @@ impl FidStats {
                 }
             }
             let xc = MatRef::from_row_major_slice(&block[..r * dim], r, dim);
-            matmul(cov.as_mut(), Accum::Add, xc.transpose(), xc, 1.0, Par::rayon(0));
+            matmul(
+                cov.as_mut(),
+                Accum::Add,
+                xc.transpose(),
+                xc,
+                1.0,
+                Par::rayon(0),
+            );
         }
         let scale = 1.0 / (n - 1) as f64;
-        let sigma = (0..dim * dim).map(|i| cov[(i / dim, i % dim)] * scale).collect();
-        Ok(FidStats { mu, sigma, dim, count: n })
+        let sigma = (0..dim * dim)
+            .map(|i| cov[(i / dim, i % dim)] * scale)
+            .collect();
+        Ok(FidStats {
+            mu,
+            sigma,
+            dim,
+            count: n,
+        })
     }
 }
 
@@ -73,7 +90,9 @@ pub struct FidResult {
 }
 
 fn mat(sigma: &[f64], dim: usize, offset: f64) -> Mat<f64> {
-    Mat::from_fn(dim, dim, |i, j| sigma[i * dim + j] + if i == j { offset } else { 0.0 })
+    Mat::from_fn(dim, dim, |i, j| {
+        sigma[i * dim + j] + if i == j { offset } else { 0.0 }
+    })
 }
 
 /// Principal square root of a complex number `a + ib`.
@@ -89,7 +108,14 @@ fn csqrt(a: f64, b: f64) -> (f64, f64) {
 fn trace_sqrt_product(s1: &Mat<f64>, s2: &Mat<f64>) -> Result<Option<(f64, f64)>> {
     let dim = s1.nrows();
     let mut prod = Mat::<f64>::zeros(dim, dim);
-    matmul(prod.as_mut(), Accum::Replace, s1.as_ref(), s2.as_ref(), 1.0, Par::rayon(0));
+    matmul(
+        prod.as_mut(),
+        Accum::Replace,
+        s1.as_ref(),
+        s2.as_ref(),
+        1.0,
+        Par::rayon(0),
+    );
     if prod.col_iter().any(|c| c.iter().any(|x| !x.is_finite())) {
         bail!("covariance product is not finite (NaN or infinite features?)");
     }

@@ -38,7 +38,11 @@ pub struct Selection {
 
 impl Default for Selection {
     fn default() -> Self {
-        Selection { start: 0, end: None, step: 1 }
+        Selection {
+            start: 0,
+            end: None,
+            step: 1,
+        }
     }
 }
 
@@ -51,17 +55,30 @@ impl std::str::FromStr for Selection {
             if p.trim().is_empty() {
                 Ok(None)
             } else {
-                p.trim().parse().map(Some).map_err(|_| format!("`{s}`: expected START:END[:STEP]"))
+                p.trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("`{s}`: expected START:END[:STEP]"))
             }
         };
         if parts.len() < 2 || parts.len() > 3 {
-            return Err(format!("`{s}`: expected START:END[:STEP] (e.g. 0:5000 or 1::2)"));
+            return Err(format!(
+                "`{s}`: expected START:END[:STEP] (e.g. 0:5000 or 1::2)"
+            ));
         }
-        let step = if parts.len() == 3 { num(parts[2])?.unwrap_or(1) } else { 1 };
+        let step = if parts.len() == 3 {
+            num(parts[2])?.unwrap_or(1)
+        } else {
+            1
+        };
         if step == 0 {
             return Err(format!("`{s}`: step must be at least 1"));
         }
-        Ok(Selection { start: num(parts[0])?.unwrap_or(0), end: num(parts[1])?, step })
+        Ok(Selection {
+            start: num(parts[0])?.unwrap_or(0),
+            end: num(parts[1])?,
+            step,
+        })
     }
 }
 
@@ -87,7 +104,8 @@ pub struct Rgb8 {
 /// Decodes an image file's bytes to RGB (alpha dropped, grayscale expanded), like PIL's
 /// `convert("RGB")`.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<Rgb8> {
-    let img = image::load_from_memory(bytes).with_context(|| format!("cannot decode image {name}"))?;
+    let img =
+        image::load_from_memory(bytes).with_context(|| format!("cannot decode image {name}"))?;
     let rgb = img.to_rgb8();
     Ok(Rgb8 {
         height: rgb.height() as usize,
@@ -106,17 +124,30 @@ impl ImageSet {
             let mut files = vec![];
             for entry in walkdir::WalkDir::new(path).follow_links(true) {
                 let entry = entry.with_context(|| format!("listing {}", path.display()))?;
-                if entry.file_type().is_file() && is_image_name(&entry.file_name().to_string_lossy()) {
+                if entry.file_type().is_file()
+                    && is_image_name(&entry.file_name().to_string_lossy())
+                {
                     files.push(entry.path().strip_prefix(path)?.to_path_buf());
                 }
             }
             files.sort();
             if files.is_empty() {
-                bail!("{}: no image files ({})", path.display(), IMAGE_EXTS.join(", "));
+                bail!(
+                    "{}: no image files ({})",
+                    path.display(),
+                    IMAGE_EXTS.join(", ")
+                );
             }
-            return Ok(ImageSet::Folder { root: path.to_path_buf(), files });
+            return Ok(ImageSet::Folder {
+                root: path.to_path_buf(),
+                files,
+            });
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match ext.as_str() {
             "npz" => {
                 let images = Tensor::read_npz_by_name(path, &["arr_0"])
@@ -130,7 +161,10 @@ impl ImageSet {
                         images.dims()
                     );
                 }
-                Ok(ImageSet::Npz { path: path.to_path_buf(), images })
+                Ok(ImageSet::Npz {
+                    path: path.to_path_buf(),
+                    images,
+                })
             }
             "tar" => {
                 let mut archive = tar::Archive::new(std::fs::File::open(path)?);
@@ -146,7 +180,10 @@ impl ImageSet {
                 if count == 0 {
                     bail!("{}: no image files in the archive", path.display());
                 }
-                Ok(ImageSet::Tar { path: path.to_path_buf(), count })
+                Ok(ImageSet::Tar {
+                    path: path.to_path_buf(),
+                    count,
+                })
             }
             _ => bail!(
                 "{}: expected an image folder, a .npz sample file or a .tar archive",
@@ -208,7 +245,8 @@ impl ImageSet {
             ImageSet::Folder { root, files } => {
                 for i in selection.indices(files.len()) {
                     let p = root.join(&files[i]);
-                    let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                    let bytes =
+                        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
                     push(decode_rgb(&bytes, &p.display().to_string())?, &mut pending)?;
                 }
             }
@@ -238,7 +276,10 @@ impl ImageSet {
                     if selection.contains(index) {
                         let mut bytes = vec![];
                         entry.read_to_end(&mut bytes)?;
-                        push(decode_rgb(&bytes, &format!("{}:{name}", path.display()))?, &mut pending)?;
+                        push(
+                            decode_rgb(&bytes, &format!("{}:{name}", path.display()))?,
+                            &mut pending,
+                        )?;
                     }
                     index += 1;
                     if selection.end.is_some_and(|e| index >= e) {

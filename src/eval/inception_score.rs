@@ -17,9 +17,15 @@ pub struct InceptionScore {
 
 /// Inception Score of row-major `N x classes` logits.
 pub fn inception_score(logits: &[f32], classes: usize, splits: usize) -> Result<InceptionScore> {
-    ensure!(classes > 0 && logits.len() % classes == 0, "logits are not N x {classes}");
+    ensure!(
+        classes > 0 && logits.len() % classes == 0,
+        "logits are not N x {classes}"
+    );
     let n = logits.len() / classes;
-    ensure!(splits >= 1 && n >= splits, "need at least {splits} samples for {splits} splits, got {n}");
+    ensure!(
+        splits >= 1 && n >= splits,
+        "need at least {splits} samples for {splits} splits, got {n}"
+    );
     // log-softmax per row, in f64.
     let log_p: Vec<Vec<f64>> = logits
         .chunks_exact(classes)
@@ -41,12 +47,20 @@ pub fn inception_score(logits: &[f32], classes: usize, splits: usize) -> Result<
         let log_q: Vec<f64> = q.iter().map(|&s| (s / chunk.len() as f64).ln()).collect();
         let kl: f64 = chunk
             .iter()
-            .map(|lp| lp.iter().zip(&log_q).map(|(&l, &lq)| l.exp() * (l - lq)).sum::<f64>())
+            .map(|lp| {
+                lp.iter()
+                    .zip(&log_q)
+                    .map(|(&l, &lq)| l.exp() * (l - lq))
+                    .sum::<f64>()
+            })
             .sum::<f64>()
             / chunk.len() as f64;
         scores.push(kl.exp());
     }
     let mean = scores.iter().sum::<f64>() / splits as f64;
     let var = scores.iter().map(|s| (s - mean) * (s - mean)).sum::<f64>() / splits as f64;
-    Ok(InceptionScore { mean, std: var.sqrt() })
+    Ok(InceptionScore {
+        mean,
+        std: var.sqrt(),
+    })
 }

@@ -130,7 +130,10 @@ pub fn read_inception_tensors(path: &Path) -> Result<(HashMap<String, Tensor>, W
     for (name, t) in raw {
         if torchscript {
             let tv = torchscript_key_to_torchvision(&name).with_context(|| {
-                format!("{}: unexpected tensor {name} in the TorchScript archive", path.display())
+                format!(
+                    "{}: unexpected tensor {name} in the TorchScript archive",
+                    path.display()
+                )
             })?;
             out.insert(tv, t);
         } else if !name.ends_with(".num_batches_tracked") {
@@ -198,10 +201,12 @@ impl SimpleBackend for RecordingBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let t = self.tensors.get(name).ok_or_else(|| {
+            candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            }
+            .bt()
+        })?;
         self.used.lock().unwrap().insert(name.to_string());
         t.to_dtype(dtype)?.to_device(dev)
     }

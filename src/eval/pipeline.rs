@@ -48,7 +48,11 @@ pub struct LazyInception {
 
 impl LazyInception {
     pub fn new(flag: Option<PathBuf>, device: Device) -> Self {
-        LazyInception { flag, device, net: OnceCell::new() }
+        LazyInception {
+            flag,
+            device,
+            net: OnceCell::new(),
+        }
     }
 
     /// The loaded network, if it was needed.
@@ -67,7 +71,11 @@ impl LazyInception {
             path.display(),
             net.format,
             net.scaling,
-            if net.has_logits() { ", with logits" } else { ", no logits" }
+            if net.has_logits() {
+                ", with logits"
+            } else {
+                ", no logits"
+            }
         );
         Ok(self.net.get_or_init(|| net))
     }
@@ -90,7 +98,10 @@ pub struct Needs {
 }
 
 fn is_npz(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
 }
 
 /// Resolves `path` to statistics and (if needed or cheap) features.
@@ -104,35 +115,68 @@ pub fn load_side(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Side> {
     let subset = selection != Selection::default();
+    // `mu`/`sigma` stored in the file (OpenAI's reference batches) are used for FID even when the
+    // features for precision/recall have to be computed from its images.
+    let mut stored_stats = None;
     if is_npz(path) {
         let file = read_stats(path)?;
         if let Some(f) = file.features {
             let f = if subset { f.select(selection) } else { f };
-            let stats = if subset || file.stats.is_none() { f.stats()? } else { file.stats.unwrap() };
-            return Ok(Side { path: path.into(), count: f.count, stats: Some(stats), features: Some(f) });
+            let stats = if subset || file.stats.is_none() {
+                f.stats()?
+            } else {
+                file.stats.unwrap()
+            };
+            return Ok(Side {
+                path: path.into(),
+                count: f.count,
+                stats: Some(stats),
+                features: Some(f),
+            });
         }
         let must_run = needs.features || subset || file.stats.is_none();
         if !must_run {
-            return Ok(Side { path: path.into(), stats: file.stats, features: None, count: 0 });
+            return Ok(Side {
+                path: path.into(),
+                stats: file.stats,
+                features: None,
+                count: 0,
+            });
         }
+        stored_stats = if subset { None } else { file.stats };
         if !file.has_images {
             bail!(
-                "{}: holds neither images (`arr_0`) nor `features`, and {} them",
+                "{}: holds neither images (`arr_0`) nor `features`, which {} needs",
                 path.display(),
-                if subset { "--*-subset needs" } else { "precision/recall need" }
+                if subset {
+                    "a subset"
+                } else {
+                    "precision/recall (or IS)"
+                }
             );
         }
     }
     let set = ImageSet::open(path)?;
     let total = selection.indices(set.len()).len();
     if total < 2 {
-        bail!("{}: {total} image(s) selected; need at least 2", path.display());
+        bail!(
+            "{}: {total} image(s) selected; need at least 2",
+            path.display()
+        );
     }
     let net = net.get()?;
     let features = extract_features(net, &set, selection, batch, |done| progress(done, total))
         .with_context(|| format!("computing features of {}", path.display()))?;
-    let stats = features.stats()?;
-    Ok(Side { path: path.into(), count: features.count, stats: Some(stats), features: Some(features) })
+    let stats = match stored_stats {
+        Some(s) => s,
+        None => features.stats()?,
+    };
+    Ok(Side {
+        path: path.into(),
+        count: features.count,
+        stats: Some(stats),
+        features: Some(features),
+    })
 }
 
 /// Metrics `bigroc eval` can report.
@@ -152,7 +196,9 @@ impl std::str::FromStr for Metric {
             "precision" => Ok(Metric::Precision),
             "recall" => Ok(Metric::Recall),
             "is" | "inception_score" => Ok(Metric::Is),
-            other => Err(format!("unknown metric `{other}` (expected fid, precision, recall, is)")),
+            other => Err(format!(
+                "unknown metric `{other}` (expected fid, precision, recall, is)"
+            )),
         }
     }
 }
@@ -186,13 +232,24 @@ pub fn compute_metrics(
 ) -> Result<()> {
     if metrics.contains(&Metric::Fid) {
         let (a, b) = (samples.stats.as_ref(), reference.stats.as_ref());
-        let r = frechet_distance(a.context("samples have no statistics")?, b.context("reference has no statistics")?)?;
+        let r = frechet_distance(
+            a.context("samples have no statistics")?,
+            b.context("reference has no statistics")?,
+        )?;
         report.fid = Some(r.fid);
     }
     if metrics.contains(&Metric::Precision) || metrics.contains(&Metric::Recall) {
         let dev = Device::Cpu;
-        let real = reference.features.as_ref().context("reference has no features")?.pool_tensor(&dev)?;
-        let fake = samples.features.as_ref().context("samples have no features")?.pool_tensor(&dev)?;
+        let real = reference
+            .features
+            .as_ref()
+            .context("reference has no features")?
+            .pool_tensor(&dev)?;
+        let fake = samples
+            .features
+            .as_ref()
+            .context("samples have no features")?
+            .pool_tensor(&dev)?;
         let pr = precision_recall(&real, &fake, DEFAULT_K, DEFAULT_BLOCK)?;
         if metrics.contains(&Metric::Precision) {
             report.precision = Some(pr.precision);

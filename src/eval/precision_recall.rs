@@ -47,12 +47,20 @@ fn sq_norms(x: &Tensor) -> Result<Vec<f32>> {
 pub fn knn_sq_radii(x: &Tensor, k: usize, block: usize) -> Result<Vec<f32>> {
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let (n, _) = x.dims2()?;
-    ensure!(n > k, "need more than k = {k} samples for k-NN radii, got {n}");
+    ensure!(
+        n > k,
+        "need more than k = {k} samples for k-NN radii, got {n}"
+    );
     let norms = sq_norms(&x)?;
     let mut radii = Vec::with_capacity(n);
     for start in (0..n).step_by(block) {
         let len = block.min(n - start);
-        let d = sq_dists(&x.narrow(0, start, len)?, &norms[start..start + len], &x, &norms)?;
+        let d = sq_dists(
+            &x.narrow(0, start, len)?,
+            &norms[start..start + len],
+            &x,
+            &norms,
+        )?;
         for row in d.chunks_exact(n) {
             // The k+1 smallest values, kept sorted; most values are rejected by one comparison.
             let mut best = vec![f32::INFINITY; k + 1];
@@ -73,7 +81,12 @@ pub fn knn_sq_radii(x: &Tensor, k: usize, block: usize) -> Result<Vec<f32>> {
 }
 
 /// Precision and recall of `fake` against `real` (both `N x d` pool features) with k-NN radii.
-pub fn precision_recall(real: &Tensor, fake: &Tensor, k: usize, block: usize) -> Result<PrecisionRecall> {
+pub fn precision_recall(
+    real: &Tensor,
+    fake: &Tensor,
+    k: usize,
+    block: usize,
+) -> Result<PrecisionRecall> {
     let real = real.to_dtype(DType::F32)?.contiguous()?;
     let fake = fake.to_dtype(DType::F32)?.contiguous()?;
     ensure!(
@@ -91,7 +104,12 @@ pub fn precision_recall(real: &Tensor, fake: &Tensor, k: usize, block: usize) ->
     let mut real_in_fake = vec![false; n_real];
     for start in (0..n_fake).step_by(block) {
         let len = block.min(n_fake - start);
-        let d = sq_dists(&fake.narrow(0, start, len)?, &fake_sq[start..start + len], &real, &real_sq)?;
+        let d = sq_dists(
+            &fake.narrow(0, start, len)?,
+            &fake_sq[start..start + len],
+            &real,
+            &real_sq,
+        )?;
         for (i, row) in d.chunks_exact(n_real).enumerate() {
             let rf = r_fake[start + i];
             let mut inside = false;

@@ -33,7 +33,8 @@ pub fn write_stats(path: &Path, stats: &FidStats, features: &FeatureSet) -> Resu
     let mu = Tensor::from_slice(&stats.mu, d, &dev)?;
     let sigma = Tensor::from_slice(&stats.sigma, (d, d), &dev)?;
     let feats = features.pool_tensor(&dev)?;
-    let mut arrays: Vec<(&str, &Tensor)> = vec![("mu", &mu), ("sigma", &sigma), ("features", &feats)];
+    let mut arrays: Vec<(&str, &Tensor)> =
+        vec![("mu", &mu), ("sigma", &sigma), ("features", &feats)];
     let logits;
     if let Some(l) = &features.logits {
         logits = Tensor::from_slice(l, (features.count, features.classes), &dev)?;
@@ -78,8 +79,14 @@ pub fn read_stats(path: &Path) -> Result<StatsFile> {
     };
     let features = if has("features") {
         let f = load("features")?.to_dtype(DType::F32)?;
-        let (n, d) = f.dims2().with_context(|| format!("{}: `features` is not 2-d", path.display()))?;
-        ensure!(d == FEATURE_DIM, "{}: `features` are {d}-d, expected {FEATURE_DIM}", path.display());
+        let (n, d) = f
+            .dims2()
+            .with_context(|| format!("{}: `features` is not 2-d", path.display()))?;
+        ensure!(
+            d == FEATURE_DIM,
+            "{}: `features` are {d}-d, expected {FEATURE_DIM}",
+            path.display()
+        );
         let mut set = FeatureSet {
             pool: f.flatten_all()?.to_vec1()?,
             count: n,
@@ -87,7 +94,11 @@ pub fn read_stats(path: &Path) -> Result<StatsFile> {
         };
         if has("logits") {
             let l = load("logits")?.to_dtype(DType::F32)?;
-            ensure!(l.dim(0)? == n, "{}: `logits` and `features` differ in length", path.display());
+            ensure!(
+                l.dim(0)? == n,
+                "{}: `logits` and `features` differ in length",
+                path.display()
+            );
             set.classes = l.dim(1)?;
             set.logits = Some(l.flatten_all()?.to_vec1()?);
         }
@@ -95,14 +106,23 @@ pub fn read_stats(path: &Path) -> Result<StatsFile> {
     } else {
         None
     };
-    Ok(StatsFile { stats, features, has_images: has("arr_0") })
+    Ok(StatsFile {
+        stats,
+        features,
+        has_images: has("arr_0"),
+    })
 }
 
 /// Array names in an `.npz` (zip members without `.npy`).
 fn npz_names(path: &Path) -> Result<Vec<String>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let zip = zip::ZipArchive::new(std::io::BufReader::new(file))
         .with_context(|| format!("{}: not an .npz (zip) file", path.display()))?;
-    let names: Vec<String> = zip.file_names().map(|n| n.map(|n| n.to_string())).collect::<Result<_, _>>()?;
-    Ok(names.into_iter().map(|n| n.strip_suffix(".npy").map(str::to_string).unwrap_or(n)).collect())
+    let names = zip
+        .file_names()
+        .map(|n| n.map(|n| n.strip_suffix(".npy").unwrap_or(&n).to_string()))
+        .collect::<std::result::Result<Vec<String>, _>>()
+        .with_context(|| format!("{}: unreadable .npz member names", path.display()))?;
+    Ok(names)
 }

@@ -79,7 +79,12 @@ fn tensor_from_storage(info: &TensorInfo, storage: &[u8]) -> Result<Tensor> {
     } else {
         // A strided view: gather it from the flat storage.
         let flat_len = storage.len() / elem;
-        let flat = Tensor::from_raw_buffer(&storage[..flat_len * elem], info.dtype, &[flat_len], &Device::Cpu)?;
+        let flat = Tensor::from_raw_buffer(
+            &storage[..flat_len * elem],
+            info.dtype,
+            &[flat_len],
+            &Device::Cpu,
+        )?;
         let offset = start / elem;
         let mut index = vec![offset as i64];
         for (&dim, &stride) in layout.dims().iter().zip(layout.stride()) {
@@ -96,13 +101,19 @@ fn tensor_from_storage(info: &TensorInfo, storage: &[u8]) -> Result<Tensor> {
 
 fn read_zip(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let mut zip = zip::ZipArchive::new(BufReader::new(std::fs::File::open(path)?))?;
-    let names: Vec<String> = zip.file_names().map(|n| n.map(|n| n.to_string())).collect::<Result<_, _>>()?;
+    let names = zip
+        .file_names()
+        .map(|n| n.map(|n| n.into_owned()))
+        .collect::<std::result::Result<Vec<String>, _>>()?;
     let pkl_name = names
         .into_iter()
         .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .min()
         .context("no <name>/data.pkl inside the zip: not a PyTorch archive")?;
-    let dir = pkl_name.strip_suffix(".pkl").unwrap_or(&pkl_name).to_string();
+    let dir = pkl_name
+        .strip_suffix(".pkl")
+        .unwrap_or(&pkl_name)
+        .to_string();
     let obj = unpickle(&mut BufReader::new(zip.by_name(&pkl_name)?))
         .with_context(|| format!("unpickling {pkl_name}"))?;
     let mut infos = vec![];
@@ -154,7 +165,9 @@ fn read_legacy(path: &Path) -> Result<Vec<(String, Tensor)>> {
     let dtype_of: HashMap<String, DType> = infos.iter().map(|i| (key_of(i), i.dtype)).collect();
     let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
     for key in keys {
-        let Object::Unicode(key) = key else { bail!("storage key is not a string: {key:?}") };
+        let Object::Unicode(key) = key else {
+            bail!("storage key is not a string: {key:?}")
+        };
         let mut len = [0u8; 8];
         r.read_exact(&mut len)?;
         let numel = u64::from_le_bytes(len) as usize;
