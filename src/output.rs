@@ -28,6 +28,13 @@ pub fn atomic_write(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Res
         .tempfile_in(dir)
         .with_context(|| format!("cannot write into {} (missing or not writable?)", dir.display()))?;
     write(tmp.path()).with_context(|| format!("writing {}", path.display()))?;
+    // Temporary files are created private (0600); a result should get the usual 0644.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting permissions of {}", path.display()))?;
+    }
     tmp.persist(path).with_context(|| format!("cannot move the finished file to {}", path.display()))?;
     Ok(())
 }
