@@ -27,6 +27,15 @@ fn cuda(ordinal: usize) -> Result<Device> {
     Device::new_cuda(ordinal).with_context(|| format!("--device cuda:{ordinal}: cannot open the GPU"))
 }
 
+/// Lets f32 matrix products on CUDA use TF32 tensor cores (about 1e-3 relative rounding per
+/// product; training tolerates it, parity checks do not). No effect without CUDA.
+pub fn allow_tf32(on: bool) {
+    #[cfg(feature = "cuda")]
+    candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    #[cfg(not(feature = "cuda"))]
+    let _ = on;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,12 @@
 //! - [`eval`]: FID, precision/recall and Inception Score on the FID Inception-v3, with the numbers
 //!   of pytorch-fid / torch-fidelity / OpenAI's evaluator.
 //!
+//! - [`train`], [`accuracy`]: training robust classifiers (robustness' adversarial training) and
+//!   measuring clean and adversarial accuracy.
+//!
 //! The native architectures live in the `bigroc-models` crate.
 
+pub mod accuracy;
 pub mod adm;
 pub mod calibrate;
 pub mod classifier;
@@ -30,4 +34,5 @@ pub mod output;
 pub mod progress;
 pub mod refine;
 pub mod shard;
+pub mod train;
 pub mod weights;

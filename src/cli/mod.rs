@@ -1,6 +1,7 @@
 //! The `bigroc` command line: one file per subcommand, each only parsing flags and calling the
 //! library.
 
+mod accuracy;
 mod calibrate;
 mod convert;
 mod convert_adm;
@@ -9,6 +10,7 @@ mod merge;
 mod refine;
 mod sample;
 mod stats;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,6 +40,10 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Sample images from a diffusion model with (robust) classifier guidance.
     Sample(sample::SampleArgs),
+    /// Train this project's models (robust classifiers).
+    Train(train::TrainArgs),
+    /// Clean and adversarial (PGD) accuracy of a classifier on labelled images.
+    Accuracy(accuracy::AccuracyArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -49,6 +55,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stats(args) => stats::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Sample(args) => sample::run(args),
+        Command::Train(args) => train::run(args),
+        Command::Accuracy(args) => accuracy::run(args),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Reading image sets (folders, sample .npz files) into batches, and pixel conversions.
 
 pub mod folder;
+pub mod labelled;
 pub mod npz;
 
 use std::collections::HashMap;

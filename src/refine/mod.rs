@@ -22,7 +22,7 @@ pub mod labels;
 pub mod pgd;
 
 pub use labels::LabelMode;
-pub use pgd::{Norm, PgdConfig, PgdOutcome};
+pub use pgd::{Goal, Norm, PgdConfig, PgdOutcome};
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;

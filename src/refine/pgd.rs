@@ -1,7 +1,9 @@
-//! Targeted projected gradient descent, step for step as the robustness library's attacker
-//! (`targeted=True`, no random start): the update follows the gradient of -mean CE toward the
-//! target class, each iterate is projected back into the eps-ball around the input and into
-//! [0, 1], and with `use_best` each image's result is the visited point with the lowest target loss.
+//! Projected gradient descent, step for step as the robustness library's attacker (no random
+//! start). Targeted (BIGRoC's refinement): the update follows the gradient of -mean CE toward the
+//! target class. Untargeted (adversarial training and robust-accuracy evaluation): it follows
+//! +mean CE away from the true class. Each iterate is projected back into the eps-ball around the
+//! input and into [0, 1]; with `use_best` each image's result is the visited point with the lowest
+//! (targeted) or highest (untargeted) loss.
 
 use candle_core::{DType, Result, Tensor, Var, D};
 
@@ -41,6 +43,15 @@ pub struct PgdOutcome {
     pub end_loss: Option<Tensor>,
 }
 
+/// Which way the attack moves the cross-entropy of the given labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// Lower it: move each image toward its label (a targeted attack; BIGRoC).
+    Toward,
+    /// Raise it: move each image away from its true label (an untargeted attack).
+    Away,
+}
+
 /// Runs targeted PGD from `x0` (f32 NCHW in [0, 1]) toward `targets` on the classifier `logits_of`,
 /// which maps pixels in [0, 1] to logits.
 pub fn targeted_pgd(
@@ -49,8 +60,20 @@ pub fn targeted_pgd(
     targets: &Tensor,
     cfg: &PgdConfig,
 ) -> Result<PgdOutcome> {
+    pgd(logits_of, x0, targets, cfg, Goal::Toward)
+}
+
+/// Runs PGD from `x0` (f32 NCHW in [0, 1]) with the cross-entropy of `labels` as the objective,
+/// lowered or raised as `goal` says, on the classifier `logits_of` (pixels in [0, 1] to logits).
+pub fn pgd(
+    logits_of: &dyn Fn(&Tensor) -> Result<Tensor>,
+    x0: &Tensor,
+    labels: &Tensor,
+    cfg: &PgdConfig,
+    goal: Goal,
+) -> Result<PgdOutcome> {
     let x0 = x0.detach();
-    let loss_at = |x: &Tensor| cross_entropy_per_sample(&logits_of(x)?, targets);
+    let loss_at = |x: &Tensor| cross_entropy_per_sample(&logits_of(x)?, labels);
     let mut x = x0.clone();
     let mut best: Option<(Tensor, Tensor)> = None; // (loss per sample, image)
     let mut start_loss = None;
@@ -60,12 +83,15 @@ pub fn targeted_pgd(
         if start_loss.is_none() {
             start_loss = Some(losses.detach());
         }
-        // Gradient of -mean(loss): the targeted attack descends the target's loss.
-        let objective = losses.mean_all()?.neg()?;
+        // robustness differentiates m * mean(loss), m = -1 targeted, +1 untargeted, and ascends.
+        let objective = match goal {
+            Goal::Toward => losses.mean_all()?.neg()?,
+            Goal::Away => losses.mean_all()?,
+        };
         let grad = objective.backward()?.remove(var.as_tensor()).expect("input gradient");
         let losses = losses.detach();
         if cfg.use_best {
-            best = Some(keep_best(best, &losses, &x)?);
+            best = Some(keep_best(best, &losses, &x, goal)?);
         }
         x = project(&take_step(&x, &grad, cfg)?, &x0, cfg)?;
     }
@@ -78,14 +104,23 @@ pub fn targeted_pgd(
     }
     let final_losses = loss_at(&x)?.detach();
     let start_loss = start_loss.unwrap_or_else(|| final_losses.clone());
-    let (end_loss, images) = keep_best(best, &final_losses, &x)?;
+    let (end_loss, images) = keep_best(best, &final_losses, &x, goal)?;
     Ok(PgdOutcome { images, start_loss, end_loss: Some(end_loss) })
 }
 
-/// Keeps, per sample, the image with the strictly lower loss (the earlier one on ties).
-fn keep_best(best: Option<(Tensor, Tensor)>, losses: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Keeps, per sample, the image with the strictly better loss (lower toward, higher away; the
+/// earlier one on ties).
+fn keep_best(
+    best: Option<(Tensor, Tensor)>,
+    losses: &Tensor,
+    x: &Tensor,
+    goal: Goal,
+) -> Result<(Tensor, Tensor)> {
     let Some((best_loss, best_x)) = best else { return Ok((losses.clone(), x.clone())) };
-    let better = losses.lt(&best_loss)?;
+    let better = match goal {
+        Goal::Toward => losses.lt(&best_loss)?,
+        Goal::Away => losses.gt(&best_loss)?,
+    };
     let best_loss = better.where_cond(losses, &best_loss)?;
     let mask = better.reshape((x.dim(0)?, 1, 1, 1))?.broadcast_as(x.shape())?;
     Ok((best_loss, mask.where_cond(x, &best_x)?))
@@ -167,6 +202,24 @@ mod tests {
         assert!(after.iter().zip(&before).all(|(a, b)| a < b), "{before:?} -> {after:?}");
         assert_eq!(out.start_loss.to_vec1::<f32>()?, before);
         assert_eq!(out.end_loss.unwrap().to_vec1::<f32>()?, after);
+        Ok(())
+    }
+
+    #[test]
+    fn away_raises_the_true_label_loss_and_keeps_the_highest() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, -2., 0.5, 0.], [0., 1., 0., -1.], [2., 0., 0., 1.]], &dev)?;
+        let x0 = Tensor::new(&[0.1f32, 0.7, 0.3, 0.9, 0.2, 0.4, 0.6, 0.8], &dev)?.reshape((2, 1, 2, 2))?;
+        let label = Tensor::new(&[0u32, 2], &dev)?;
+        let cfg = PgdConfig { norm: Norm::L2, eps: 0.3, step_size: 0.5, steps: 4, use_best: true };
+        let model = linear(&w);
+        let out = pgd(&model, &x0, &label, &cfg, Goal::Away)?;
+        let before = cross_entropy_per_sample(&model(&x0)?, &label)?.to_vec1::<f32>()?;
+        let after = cross_entropy_per_sample(&model(&out.images)?, &label)?.to_vec1::<f32>()?;
+        assert!(after.iter().zip(&before).all(|(a, b)| a > b), "{before:?} -> {after:?}");
+        assert_eq!(out.end_loss.unwrap().to_vec1::<f32>()?, after);
+        let norms = per_sample_l2_norm(&(&out.images - &x0)?)?.flatten_all()?.to_vec1::<f32>()?;
+        assert!(norms.iter().all(|n| *n <= 0.3 + 1e-5), "{norms:?}");
         Ok(())
     }
 }

@@ -1,0 +1,162 @@
+//! A training run's resumable state and its metrics log, in a work directory:
+//! `checkpoint.safetensors` (every variable under `model.`, the optimizer's buffers under `opt.`,
+//! the run's configuration and position in the metadata; written atomically) and
+//! `metrics.jsonl` (one JSON object per logged step or evaluation).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::train::optim::Optimizer;
+use crate::weights::{self, Checkpoint, Header};
+
+/// Where a run stands: `step` iterations done, which is batch `batch` of epoch `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Position {
+    pub step: usize,
+    pub epoch: usize,
+    pub batch: usize,
+}
+
+pub struct WorkDir {
+    pub dir: PathBuf,
+    /// The checkpoint's `kind` (what is being trained).
+    kind: String,
+}
+
+impl WorkDir {
+    /// Opens `dir` for a run of `kind`. Without `resume`, a directory that already holds a
+    /// checkpoint is refused rather than overwritten.
+    pub fn open(dir: &Path, kind: &str, resume: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create work directory {}", dir.display()))?;
+        let this = Self { dir: dir.to_path_buf(), kind: kind.to_string() };
+        if !resume && this.checkpoint_path().exists() {
+            bail!(
+                "{} already holds a training checkpoint: pass --resume to continue it, or choose another --work-dir",
+                this.checkpoint_path().display()
+            )
+        }
+        Ok(this)
+    }
+
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+
+    pub fn metrics_path(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+
+    /// Saves every variable, the optimizer's buffers, `config` and `position`.
+    pub fn save(&self, config: &impl Serialize, position: Position, vars: &VarMap, opt: &Optimizer) -> Result<()> {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (name, var) in vars.data().lock().expect("var map lock").iter() {
+            tensors.insert(format!("model.{name}"), var.as_tensor().clone());
+        }
+        for (name, t) in opt.state() {
+            tensors.insert(format!("opt.{name}"), t);
+        }
+        let header = Header {
+            kind: self.kind.clone(),
+            config: serde_json::to_value(config)?,
+            info: serde_json::to_value(position)?,
+        };
+        weights::save(&self.checkpoint_path(), &header, &tensors)
+    }
+
+    /// Restores a checkpoint into `vars` and `opt` after checking it was made with `config`;
+    /// returns its position. Every variable must be present with its shape.
+    pub fn restore<C: Serialize>(&self, config: &C, vars: &VarMap, opt: &mut Optimizer, device: &Device) -> Result<Position> {
+        let path = self.checkpoint_path();
+        let ck = Checkpoint::load(path.to_str().context("non-UTF-8 work directory")?, device)?;
+        ck.expect_kind(&self.kind)?;
+        let wanted = serde_json::to_value(config)?;
+        if ck.header.config != wanted {
+            bail!(
+                "{}: the checkpoint was made with other settings ({}); rerun with the same flags or another --work-dir",
+                path.display(),
+                differing_fields(&ck.header.config, &wanted)
+            )
+        }
+        let position: Position = serde_json::from_value(ck.header.info.clone())
+            .with_context(|| format!("{}: no training position in the metadata", path.display()))?;
+        for (name, var) in vars.data().lock().expect("var map lock").iter() {
+            let t = ck
+                .tensors
+                .get(&format!("model.{name}"))
+                .with_context(|| format!("{}: missing `model.{name}`", path.display()))?;
+            var.set(&t.to_dtype(var.dtype())?)
+                .with_context(|| format!("{}: `model.{name}` does not fit the model", path.display()))?;
+        }
+        let opt_state: HashMap<String, Tensor> = ck
+            .tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix("opt.").map(|k| (k.to_string(), t.clone())))
+            .collect();
+        opt.load_state(&opt_state, position.step)
+            .with_context(|| format!("{}: optimizer state", path.display()))?;
+        Ok(position)
+    }
+
+    /// The metrics log, truncated to the records at or before `keep_until_step` (a resumed run
+    /// rewrites what came after its checkpoint).
+    pub fn metrics(&self, keep_until_step: usize) -> Result<MetricsLog> {
+        let path = self.metrics_path();
+        let kept: Vec<String> = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                        .is_some_and(|s| s as usize <= keep_until_step)
+                })
+                .map(str::to_string)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut file = std::fs::File::create(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        for line in kept {
+            writeln!(file, "{line}")?;
+        }
+        Ok(MetricsLog { file, path })
+    }
+}
+
+/// Appends one JSON object per line; every record carries the `step` it belongs to.
+pub struct MetricsLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl MetricsLog {
+    pub fn write(&mut self, record: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{record}").with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+fn differing_fields(found: &serde_json::Value, wanted: &serde_json::Value) -> String {
+    match (found.as_object(), wanted.as_object()) {
+        (Some(f), Some(w)) => {
+            let mut keys: Vec<&String> = f.keys().chain(w.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .filter(|k| f.get(*k) != w.get(*k))
+                .map(|k| {
+                    let show = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+                    format!("{k}: checkpoint {} vs now {}", show(f.get(k)), show(w.get(k)))
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
+        _ => format!("checkpoint {found} vs now {wanted}"),
+    }
+}
