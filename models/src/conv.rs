@@ -22,14 +22,14 @@
 //! is one contraction), elsewhere the same contraction with the windows gathered by tensor ops (one
 //! strided copy per kernel tap) and a device gemm, avoiding candle's dilated-convolution formulation.
 
-use std::sync::Mutex;
-
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Error, Layout, MetalStorage,
-    Result, Shape, Storage, Tensor,
+    Result, Shape, Tensor,
 };
 use rayon::prelude::*;
+
+use crate::ops::PrecomputedOutput;
 
 /// `x` convolved with `weight` (`[c_out, c_in, kh, kw]`, no bias, groups 1, dilation 1, the same
 /// `stride` and zero `padding` on both spatial axes), equal to `x.conv2d(weight, padding, stride, 1, 1)`.
@@ -603,63 +603,6 @@ fn pad_or_crop(t: &Tensor, dim: usize, before: isize, after: isize) -> Result<Te
         t.clone()
     };
     t.pad_with_zeros(dim, before.max(0) as usize, after.max(0) as usize)
-}
-
-/// The forward value of a convolution op, computed before the op is applied, from detached inputs
-/// (candle 0.11 offers no public way to call a backend's convolution from a custom op: `ParamsConv2D`
-/// cannot be built outside candle), and handed over once: the op's forward empties it, so the graph
-/// does not keep a second copy alive.
-struct PrecomputedOutput(Mutex<Option<Tensor>>);
-
-impl PrecomputedOutput {
-    fn new(y: Tensor) -> Self {
-        Self(Mutex::new(Some(y)))
-    }
-
-    /// Copies the output out of its storage for the backend `pick` selects.
-    fn take_on<S: BackendStorage>(
-        &self,
-        op: &str,
-        pick: impl FnOnce(&Storage) -> Option<&S>,
-    ) -> Result<(S, Shape)> {
-        let y = self
-            .0
-            .lock()
-            .map_err(|_| Error::Msg(format!("{op}: poisoned lock")))?
-            .take()
-            .ok_or_else(|| Error::Msg(format!("{op}: forward ran twice")))?;
-        let (storage, layout) = y.storage_and_layout();
-        // The forward allocates a fresh, exactly sized, contiguous output, so a plain clone of the
-        // storage is the output in row-major order.
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            bail!("{op}: unexpected strided conv2d output")
-        }
-        match pick(&storage) {
-            Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            None => bail!("{op}: input and output on different devices"),
-        }
-    }
-
-    fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
-        self.take_on(op, |s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn take_cuda(&self, op: &str) -> Result<(CudaStorage, Shape)> {
-        self.take_on(op, |s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
-    }
-
-    fn take_metal(&self, op: &str) -> Result<(MetalStorage, Shape)> {
-        self.take_on(op, |s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
-    }
 }
 
 /// The op [`conv2d_const_weight`] puts in the graph (input gradient only).

@@ -256,37 +256,18 @@ impl BatchNorm {
     }
 
     /// Batch statistics over (N, H, W): `(x - mean) / sqrt(var + eps) * weight + bias` with the biased
-    /// variance, differentiable w.r.t. the input, weight and bias; then
+    /// variance, differentiable w.r.t. the input, weight and bias ([`ops::batch_norm_train`]); then
     /// `running = (1 - momentum) * running + momentum * batch` with the unbiased variance.
     fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, c, h, w) = x.dims4()?;
-        let count = n * h * w;
-        if count < 2 {
-            bail!("batch norm in training mode needs more than one value per channel, got input of shape {:?}", x.dims())
-        }
-        // Per-channel mean of a (N, C, H, W) tensor: the contiguous H*W sums first, then the batch.
-        let channel_mean = |t: &Tensor| -> Result<Tensor> {
-            t.reshape((n, c, h * w))?
-                .sum_keepdim(2)?
-                .sum_keepdim(0)?
-                .reshape((1, c, 1, 1))?
-                / count as f64
-        };
-        let mean = channel_mean(x)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = channel_mean(&centered.sqr()?)?;
-        let scale = ((&var + Self::EPS)?.sqrt()?.recip()? * self.weight.reshape((1, c, 1, 1))?)?;
-        let y = centered
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
-
+        let (n, _, h, w) = x.dims4()?;
+        let (y, mean, var) = ops::batch_norm_train(x, &self.weight, &self.bias, Self::EPS)?;
+        let count = (n * h * w) as f64;
         let m = Self::MOMENTUM;
-        let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
         let update = |running: &Var, batch: Tensor| -> Result<()> {
             running.set(&((running.as_tensor() * (1.0 - m))? + (batch * m)?)?)
         };
-        update(&self.running_mean, mean.detach().flatten_all()?)?;
-        update(&self.running_var, unbiased)?;
+        update(&self.running_mean, mean)?;
+        update(&self.running_var, (var * (count / (count - 1.0)))?)?;
         Ok(y)
     }
 }
