@@ -9,10 +9,16 @@
 //! * [`max_pool2d`]: candle's `max_pool2d` has no backward unless kernel == stride, and ResNet's ImageNet
 //!   stem pools 3x3 with stride 2 and padding 1. This one pads with -inf like PyTorch and routes each
 //!   window's gradient to its first maximum in row-major order, as PyTorch does on ties.
+//! * [`batch_norm_train`]: training-mode batch norm from candle ops is right but its backward is slow
+//!   (every broadcast's gradient is a strided reduction over batch and space); this one has the
+//!   closed-form backward.
+
+use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Error, Layout,
+    MetalStorage, Result, Shape, Storage, Tensor, WithDType,
 };
 
 /// Clamps to `[lo, hi]` with the gradient of PyTorch's scalar-bound `clamp` (torch 2.15): the upstream
@@ -312,4 +318,221 @@ pub fn max_pool2d_composite(
         out = (out + first.to_dtype(DType::U8)?.where_cond(win, &zeros)?)?;
     }
     Ok(out)
+}
+
+/// The forward value of a custom op whose forward is best computed by ordinary tensor ops (candle 0.11
+/// offers no public way to call a backend's convolution from a custom op: `ParamsConv2D` cannot be
+/// built outside candle), computed before the op is applied, from detached inputs, and handed over
+/// once: the op's forward empties it, so the graph does not keep a second copy alive. The op then only
+/// contributes its backward.
+pub(crate) struct PrecomputedOutput(Mutex<Option<Tensor>>);
+
+impl PrecomputedOutput {
+    pub(crate) fn new(y: Tensor) -> Self {
+        Self(Mutex::new(Some(y)))
+    }
+
+    /// Copies the output out of its storage for the backend `pick` selects.
+    fn take_on<S: BackendStorage>(
+        &self,
+        op: &str,
+        pick: impl FnOnce(&Storage) -> Option<&S>,
+    ) -> Result<(S, Shape)> {
+        let y = self
+            .0
+            .lock()
+            .map_err(|_| Error::Msg(format!("{op}: poisoned lock")))?
+            .take()
+            .ok_or_else(|| Error::Msg(format!("{op}: forward ran twice")))?;
+        let (storage, layout) = y.storage_and_layout();
+        // The forward allocates a fresh, exactly sized, contiguous output, so a plain clone of the
+        // storage is the output in row-major order.
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            bail!("{op}: unexpected strided precomputed output")
+        }
+        match pick(&storage) {
+            Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            None => bail!("{op}: input and output on different devices"),
+        }
+    }
+
+    pub(crate) fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        self.take_on(op, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    pub(crate) fn take_cuda(&self, op: &str) -> Result<(CudaStorage, Shape)> {
+        self.take_on(op, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    pub(crate) fn take_metal(&self, op: &str) -> Result<(MetalStorage, Shape)> {
+        self.take_on(op, |s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+}
+
+/// Training-mode batch norm of `x` (`[n, c, h, w]`) with the statistics of the batch, as
+/// `torch.nn.functional.batch_norm(training=True)`: `(x - mean) / sqrt(var + eps) * weight + bias`,
+/// mean and biased variance over `(n, h, w)` per channel. Returns the output and the batch's `(mean,
+/// biased variance)` as `[c]` tensors (detached), for the caller's running statistics.
+///
+/// Differentiable with respect to `x`, `weight` and `bias` (each only if it tracks gradients), with
+/// the closed-form backward: for `x_hat = (x - mean) / sqrt(var + eps)` and `m = n * h * w` values per
+/// channel, `d bias = sum g`, `d weight = sum g * x_hat`, and
+/// `d x = weight / sqrt(var + eps) * (g - d bias / m - x_hat * d weight / m)`. Tensor ops only (any
+/// device); per-channel sums reduce the contiguous `h * w` axis first, then the batch.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (n, c, h, w) = x.dims4()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!(
+            "batch_norm_train: weight {:?} and bias {:?} must have shape [{c}] for input {:?}",
+            weight.dims(),
+            bias.dims(),
+            x.dims()
+        )
+    }
+    if n * h * w < 2 {
+        bail!("batch norm in training mode needs more than one value per channel, got input of shape {:?}", x.dims())
+    }
+    let xd = x.detach();
+    let mean = channel_mean(&xd)?;
+    let centered = xd.broadcast_sub(&mean)?;
+    let var = channel_mean(&centered.sqr()?)?;
+    let inv_std = (&var + eps)?.sqrt()?.recip()?;
+    let scale = (&inv_std * weight.detach().reshape((1, c, 1, 1))?)?;
+    let y = centered
+        .broadcast_mul(&scale)?
+        .broadcast_add(&bias.detach().reshape((1, c, 1, 1))?)?;
+    let stats = (mean.flatten_all()?, var.flatten_all()?);
+    if !(x.track_op() || weight.track_op() || bias.track_op()) {
+        return Ok((y, stats.0, stats.1));
+    }
+    let y = x.apply_op3(
+        weight,
+        bias,
+        BatchNormTrain {
+            mean,
+            inv_std,
+            output: PrecomputedOutput::new(y),
+        },
+    )?;
+    Ok((y, stats.0, stats.1))
+}
+
+/// Per-channel mean of `[n, c, h, w]` as `[1, c, 1, 1]`: the contiguous `h * w` sums first.
+fn channel_mean(t: &Tensor) -> Result<Tensor> {
+    let (n, _, h, w) = t.dims4()?;
+    channel_sum(t)? / (n * h * w) as f64
+}
+
+/// Per-channel sum of `[n, c, h, w]` as `[1, c, 1, 1]`.
+fn channel_sum(t: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = t.dims4()?;
+    t.reshape((n, c, h * w))?
+        .sum_keepdim(2)?
+        .sum_keepdim(0)?
+        .reshape((1, c, 1, 1))
+}
+
+/// The op [`batch_norm_train`] puts in the graph; `mean` and `inv_std` are the batch's, `[1, c, 1, 1]`.
+struct BatchNormTrain {
+    mean: Tensor,
+    inv_std: Tensor,
+    output: PrecomputedOutput,
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output.take_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.output.take_cuda(self.name())
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.output.take_metal(self.name())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = x.dims4()?;
+        let m = (n * h * w) as f64;
+        let x_hat = x
+            .detach()
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&self.inv_std)?;
+        let grad_bias = channel_sum(grad)?;
+        let grad_weight = channel_sum(&(grad * &x_hat)?)?;
+        let grad_x = if x.track_op() {
+            let a = (&self.inv_std * weight.detach().reshape((1, c, 1, 1))?)?;
+            let shift = ((&a * &grad_bias)? / m)?;
+            let slope = ((&a * &grad_weight)? / m)?;
+            let dx = grad
+                .broadcast_mul(&a)?
+                .broadcast_sub(&shift)?
+                .sub(&x_hat.broadcast_mul(&slope)?)?;
+            Some(dx)
+        } else {
+            None
+        };
+        let per_channel = |t: Tensor, tracked: bool| -> Result<Option<Tensor>> {
+            Ok(if tracked {
+                Some(t.flatten_all()?)
+            } else {
+                None
+            })
+        };
+        Ok((
+            grad_x,
+            per_channel(grad_weight, weight.track_op())?,
+            per_channel(grad_bias, bias.track_op())?,
+        ))
+    }
 }
