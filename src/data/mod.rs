@@ -1,7 +1,9 @@
-//! Reading image sets (folders, sample .npz files) into batches, and pixel conversions.
+//! Reading image sets (folders, sample .npz files, tar archives) into batches, and pixel
+//! conversions.
 
 pub mod folder;
 pub mod npz;
+pub mod tar;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
