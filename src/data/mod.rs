@@ -3,6 +3,7 @@
 
 pub mod folder;
 pub mod npz;
+pub mod pickle;
 pub mod tar;
 
 use std::collections::HashMap;
