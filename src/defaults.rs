@@ -1,26 +1,32 @@
 //! The embedded default models, used when no weights are named on the command line.
 //!
 //! The defaults are trained by this project's own trainer and shipped in `weights/` (see
-//! `weights/README.md`). Until they are, commands need their weights passed explicitly.
+//! `weights/README.md` and `weights/manifest.json` for how each was trained and measured). The
+//! robust CIFAR-10 classifier is compiled into the binary, so a copied binary still has it; the
+//! sampling defaults, once trained, are read from the source tree.
 
 use anyhow::{bail, Result};
 use std::path::Path;
 
-/// Path of the default robust CIFAR-10 classifier inside the source tree.
-pub const DEFAULT_CLASSIFIER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/weights/classifier-cifar10-robust.safetensors");
+/// Weights specs starting with this name a file compiled into the binary.
+pub const EMBEDDED_PREFIX: &str = "embedded:";
+
+/// The default robust CIFAR-10 classifier for `refine` (ResNet-18 width 0.5, L2 eps 0.5
+/// adversarial training; f16 storage).
+pub const DEFAULT_CLASSIFIER: &str = "embedded:classifier-cifar10-robust";
+static CLASSIFIER_CIFAR10_ROBUST: &[u8] = include_bytes!("../weights/classifier-cifar10-robust.safetensors");
+
+/// The bytes of the embedded weights file `name`.
+pub fn embedded(name: &str) -> Result<&'static [u8]> {
+    match name {
+        "classifier-cifar10-robust" => Ok(CLASSIFIER_CIFAR10_ROBUST),
+        other => bail!("no embedded weights named `{other}` (this build has: classifier-cifar10-robust)"),
+    }
+}
 
 /// The classifier to use: the one given, else the embedded default.
 pub fn classifier_spec(given: Option<String>) -> Result<String> {
-    if let Some(spec) = given {
-        return Ok(spec);
-    }
-    if Path::new(DEFAULT_CLASSIFIER).is_file() {
-        return Ok(DEFAULT_CLASSIFIER.to_string());
-    }
-    bail!(
-        "no --classifier given and this build has no embedded default classifier yet; pass a converted \
-         checkpoint (see `bigroc convert --help`)"
-    )
+    Ok(given.unwrap_or_else(|| DEFAULT_CLASSIFIER.to_string()))
 }
 
 /// Path of the default CIFAR-10 diffusion model (`bigroc sample`).

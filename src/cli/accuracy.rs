@@ -11,9 +11,10 @@ use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct AccuracyArgs {
-    /// Classifier weights (safetensors from `convert` or `train classifier`; local or hf://).
+    /// Classifier weights (safetensors from `convert` or `train classifier`; local or hf://);
+    /// default: the embedded robust CIFAR-10 classifier.
     #[arg(long)]
-    pub classifier: String,
+    pub classifier: Option<String>,
     /// Labelled images: an ImageFolder directory or .tar, or CIFAR-10 binary/python batches.
     #[arg(long)]
     pub data: PathBuf,
@@ -39,7 +40,7 @@ pub struct AccuracyArgs {
 
 pub fn run(a: AccuracyArgs) -> Result<()> {
     let device = bigroc::device::parse_device(&a.device)?;
-    let classifier = Classifier::load(&a.classifier, &device)?;
+    let classifier = Classifier::load(&bigroc::defaults::classifier_spec(a.classifier.clone())?, &device)?;
     let data = ImageSet::open(&a.data)?;
     data.validate(&a.data.display().to_string())?;
     if data.classes.len() != classifier.num_classes() {

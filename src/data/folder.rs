@@ -43,6 +43,12 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     Ok(img.to_rgb8())
 }
 
+/// Decodes an image file's bytes as 8-bit RGB (format from the contents; grayscale and alpha
+/// converted, like PIL's `convert("RGB")`); `name` says which file in the error.
+pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    Ok(image::load_from_memory(bytes).with_context(|| format!("cannot decode image {name}"))?.to_rgb8())
+}
+
 /// Width and height from the file header, without decoding the pixels.
 pub fn dimensions(path: &Path) -> Result<(u32, u32)> {
     image::ImageReader::open(path)

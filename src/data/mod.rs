@@ -1,8 +1,15 @@
-//! Reading image sets (folders, sample .npz files) into batches, and pixel conversions.
+//! Reading image sets (folders, sample .npz files) into batches, labelled training sets
+//! ([`labelled::LabelledImages`]: ImageFolder folders and tars, CIFAR-10 batches), and pixel
+//! conversions.
 
+pub mod cifar;
 pub mod folder;
 pub mod labelled;
 pub mod npz;
+pub mod pickle;
+pub mod tar;
+
+pub use labelled::LabelledImages;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

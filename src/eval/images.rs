@@ -2,11 +2,13 @@
 //! NHWC) and tar archives of an image folder (e.g. CIFAR-10 `train/<class>/NNNN.jpg`), streamed
 //! in batches of same-size uint8 images.
 
-use std::io::Read;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+
+use crate::data::tar as tar_archive;
 
 const IMAGE_EXTS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff"];
 
@@ -104,9 +106,7 @@ pub struct Rgb8 {
 /// Decodes an image file's bytes to RGB (alpha dropped, grayscale expanded), like PIL's
 /// `convert("RGB")`.
 pub fn decode_rgb(bytes: &[u8], name: &str) -> Result<Rgb8> {
-    let img =
-        image::load_from_memory(bytes).with_context(|| format!("cannot decode image {name}"))?;
-    let rgb = img.to_rgb8();
+    let rgb = crate::data::folder::decode_rgb(bytes, name)?;
     Ok(Rgb8 {
         height: rgb.height() as usize,
         width: rgb.width() as usize,
@@ -167,16 +167,11 @@ impl ImageSet {
                 })
             }
             "tar" => {
-                let mut archive = tar::Archive::new(std::fs::File::open(path)?);
                 let mut count = 0;
-                for entry in archive.entries()? {
-                    let entry = entry.with_context(|| format!("reading {}", path.display()))?;
-                    if entry.header().entry_type().is_file()
-                        && is_image_name(&entry.path()?.to_string_lossy())
-                    {
-                        count += 1;
-                    }
-                }
+                tar_archive::for_each_file(path, |name, _| {
+                    count += is_image_name(name) as usize;
+                    Ok(ControlFlow::Continue(()))
+                })?;
                 if count == 0 {
                     bail!("{}: no image files in the archive", path.display());
                 }
@@ -265,27 +260,25 @@ impl ImageSet {
                 return Ok(());
             }
             ImageSet::Tar { path, .. } => {
-                let mut archive = tar::Archive::new(std::fs::File::open(path)?);
                 let mut index = 0;
-                for entry in archive.entries()? {
-                    let mut entry = entry.with_context(|| format!("reading {}", path.display()))?;
-                    let name = entry.path()?.to_string_lossy().to_string();
-                    if !entry.header().entry_type().is_file() || !is_image_name(&name) {
-                        continue;
+                tar_archive::for_each_file(path, |name, contents| {
+                    if !is_image_name(name) {
+                        return Ok(ControlFlow::Continue(()));
                     }
                     if selection.contains(index) {
-                        let mut bytes = vec![];
-                        entry.read_to_end(&mut bytes)?;
+                        let bytes = tar_archive::read_member(path, name, contents)?;
                         push(
                             decode_rgb(&bytes, &format!("{}:{name}", path.display()))?,
                             &mut pending,
                         )?;
                     }
                     index += 1;
-                    if selection.end.is_some_and(|e| index >= e) {
-                        break;
-                    }
-                }
+                    Ok(if selection.end.is_some_and(|e| index >= e) {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    })
+                })?;
             }
         }
         flush(&mut pending)

@@ -21,11 +21,19 @@ pub struct ImageSet {
 }
 
 impl ImageSet {
-    /// Reads labelled images (see [`crate::data::labelled`]) into memory; all must have one size.
+    /// Reads labelled images into memory: an ImageFolder directory or `.tar`, or CIFAR-10 binary
+    /// or python batches (see [`crate::data::LabelledImages`]).
     pub fn open(path: &std::path::Path) -> Result<Self> {
-        let set = crate::data::labelled::read_image_folder(path)?;
-        set.validate(&path.display().to_string())?;
-        Ok(set)
+        let set = crate::data::LabelledImages::open(path)?;
+        let this = Self {
+            height: set.height(),
+            width: set.width(),
+            pixels: set.pixels().to_vec(),
+            labels: set.labels().to_vec(),
+            classes: set.class_names().to_vec(),
+        };
+        this.validate(&path.display().to_string())?;
+        Ok(this)
     }
 
     pub fn len(&self) -> usize {

@@ -78,12 +78,23 @@ impl TrainableResNet {
         Ok(Self { vars, model })
     }
 
+    /// A network starting from given weights (bare state-dict names; `num_batches_tracked` and
+    /// other extra entries are ignored, every variable must be present).
+    pub fn from_tensors(cfg: &ResNetConfig, tensors: &std::collections::HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let this = Self::new(cfg, 0, device)?;
+        for (name, var) in this.vars.data().lock().expect("var map lock").iter() {
+            let t = tensors.get(name).with_context(|| format!("initial weights lack `{name}`"))?;
+            var.set(&t.to_dtype(DType::F32)?.to_device(device)?).with_context(|| format!("initial weight `{name}`"))?;
+        }
+        Ok(this)
+    }
+
     /// The trainable parameters (not the batch-norm running statistics), by sorted name.
     pub fn parameters(&self) -> Vec<(String, Var)> {
         let data = self.vars.data().lock().expect("var map lock");
         let mut params: Vec<(String, Var)> = data
             .iter()
-            .filter(|(k, _)| !(k.ends_with("running_mean") || k.ends_with("running_var") || k.ends_with("num_batches_tracked")))
+            .filter(|(k, _)| !bigroc_models::resnet::is_buffer(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));

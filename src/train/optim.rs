@@ -71,7 +71,9 @@ impl Optimizer {
         let c = self.cfg;
         for ((_, var), buffers) in self.params.iter().zip(self.buffers.iter_mut()) {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let p = var.as_tensor();
+            // Detached: a gradient computed from variables records its ops, and a buffer derived
+            // from it would keep every earlier step's graph (and activations) alive.
+            let (g, p) = (&g.detach(), &var.as_tensor().detach());
             match c.kind {
                 OptimizerKind::Sgd => {
                     let d = if c.weight_decay != 0.0 { (g + (p * c.weight_decay)?)? } else { g.clone() };

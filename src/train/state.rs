@@ -75,7 +75,8 @@ impl WorkDir {
         let path = self.checkpoint_path();
         let ck = Checkpoint::load(path.to_str().context("non-UTF-8 work directory")?, device)?;
         ck.expect_kind(&self.kind)?;
-        let wanted = serde_json::to_value(config)?;
+        // Through text, as the stored copy went (serde_json's float parsing is not exact).
+        let wanted: serde_json::Value = serde_json::from_str(&serde_json::to_value(config)?.to_string())?;
         if ck.header.config != wanted {
             bail!(
                 "{}: the checkpoint was made with other settings ({}); rerun with the same flags or another --work-dir",

@@ -48,11 +48,19 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Loads a bigroc safetensors file from a local path or `hf://OWNER/REPO[@REV]/FILE`.
     pub fn load(spec: &str, device: &Device) -> Result<Self> {
+        if let Some(name) = spec.strip_prefix(crate::defaults::EMBEDDED_PREFIX) {
+            return Self::from_bytes(crate::defaults::embedded(name)?, PathBuf::from(spec), device);
+        }
         let path = hub::resolve(spec)?;
         let bytes =
             std::fs::read(&path).with_context(|| format!("cannot read weights file {}", path.display()))?;
-        let header = read_header(&bytes, &path)?;
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses a bigroc safetensors file already in memory; `path` names it in messages.
+    pub fn from_bytes(bytes: &[u8], path: PathBuf, device: &Device) -> Result<Self> {
+        let header = read_header(bytes, &path)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, device)
             .with_context(|| format!("{}: cannot load tensors", path.display()))?;
         Ok(Self { path, header, tensors })
     }
