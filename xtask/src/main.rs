@@ -6,12 +6,17 @@
 //! - `static`: build the `bigroc` binary statically linked (glibc, crt-static).
 //! - `bench`: run each workload in bigroc and in the PyTorch reference, print one table of
 //!   throughputs and ratios.
+//! - `cuda-build [--toolkit DIR] [--out DIR]`: build `--features cuda` without a GPU (nvcc from
+//!   PATH, $CUDA_HOME, or NVIDIA's pip wheels installed into DIR) and pack it, xz-compressed, with a
+//!   `run-on-gpu.sh` wrapper for a GPU machine without a Rust toolchain.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+mod cuda;
 
 #[derive(Parser)]
 struct Cli {
@@ -52,6 +57,25 @@ enum Task {
         /// Extra cargo features, e.g. cuda.
         #[arg(long)]
         features: Option<String>,
+    },
+    /// Build the CUDA binary without a GPU and pack it (xz) with a run-on-gpu.sh wrapper.
+    CudaBuild {
+        /// Compute capability to compile the kernels for (H100: 90; A100: 80).
+        #[arg(long, default_value = "90")]
+        compute_cap: String,
+        /// Where the packed binaries and run-on-gpu.sh go [default: .device/ in the repo root].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use the CUDA toolkit of NVIDIA's pip wheels in DIR, installing them there first if absent
+        /// (otherwise nvcc is looked for on PATH, in $CUDA_HOME and in /usr/local/cuda).
+        #[arg(long, value_name = "DIR")]
+        toolkit: Option<PathBuf>,
+        /// Also build and pack this example (repeatable), e.g. refine_throughput.
+        #[arg(long = "example", value_name = "NAME")]
+        examples: Vec<String>,
+        /// Also build and pack this bench (repeatable), e.g. guided_step.
+        #[arg(long = "bench", value_name = "NAME")]
+        benches: Vec<String>,
     },
 }
 
@@ -120,6 +144,32 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)?;
         }
+        Task::CudaBuild { compute_cap, out, toolkit, examples, benches } => {
+            let default_out = out.is_none();
+            let out = out.unwrap_or_else(|| root.join(".device"));
+            if default_out {
+                exclude_from_git(&root, "/.device/")?;
+            }
+            cuda::cuda_build(&root, cuda::Options { compute_cap, out, toolkit, examples, benches })?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds `pattern` to the repository's local exclude file (.git/info/exclude, shared by worktrees),
+/// so packed binaries are never committed by accident; .gitignore stays as it is.
+fn exclude_from_git(root: &Path, pattern: &str) -> Result<()> {
+    let out = Command::new("git").args(["rev-parse", "--git-common-dir"]).current_dir(root).output();
+    let Some(common) = out.ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()) else {
+        return Ok(()); // not a git checkout
+    };
+    let exclude = root.join(common).join("info/exclude");
+    let current = std::fs::read_to_string(&exclude).unwrap_or_default();
+    if !current.lines().any(|l| l.trim() == pattern) {
+        std::fs::create_dir_all(exclude.parent().expect("info/"))?;
+        let sep = if current.is_empty() || current.ends_with('\n') { "" } else { "\n" };
+        std::fs::write(&exclude, format!("{current}{sep}{pattern}\n"))?;
+        eprintln!("added {pattern} to {}", exclude.display());
     }
     Ok(())
 }
