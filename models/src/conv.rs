@@ -1,5 +1,5 @@
-//! A 2D convolution with a constant weight, differentiable with respect to its input only, with a fast
-//! backward.
+//! 2D convolutions with a fast backward: [`conv2d_const_weight`] (differentiable with respect to the
+//! input only: PGD, guidance) and [`conv2d_trainable`] (input and weight: training).
 //!
 //! BIGRoC's PGD and classifier guidance differentiate a frozen classifier with respect to its input
 //! image. candle 0.11's backward of `Tensor::conv2d` always computes the kernel gradient too (a
@@ -16,13 +16,18 @@
 //!   spread out with `s - 1` zeros between neighbours for stride `s`, convolved with the weight flipped
 //!   in both spatial dimensions and with in/out channels swapped, padded by `k - 1 - p` (plus one more
 //!   row/column at the far end for input positions past the last window, whose gradient is zero).
+//!
+//! [`conv2d_trainable`] adds the kernel gradient, `sum_n g_n windows_n^T`: on CPU in f32/f64 one gemm
+//! over windows gathered channel-major (im2col into `[c_in * kh * kw, n * oh * ow]`, so the whole batch
+//! is one contraction), elsewhere the same contraction with the windows gathered by tensor ops (one
+//! strided copy per kernel tap) and a device gemm, avoiding candle's dilated-convolution formulation.
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, Error, Layout, MetalStorage, Result, Shape,
-    Storage, Tensor,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Error, Layout, MetalStorage,
+    Result, Shape, Storage, Tensor,
 };
 use rayon::prelude::*;
 
@@ -40,13 +45,8 @@ pub fn conv2d_const_weight(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let geometry = Geometry::of_forward(x, weight, stride, padding)?;
     let weight = weight.detach();
-    let y = if uses_im2col(x) {
-        conv2d_im2col(&x.detach(), &weight, geometry, WINDOW_BUDGET)?
-    } else {
-        x.detach().conv2d(&weight, padding, stride, 1, 1)?
-    };
+    let y = conv2d_untracked(&x.detach(), &weight, stride, padding)?;
     if !x.track_op() {
         return Ok(y);
     }
@@ -54,8 +54,195 @@ pub fn conv2d_const_weight(
         weight,
         stride,
         padding,
-        output: Mutex::new(Some(y)),
+        output: PrecomputedOutput::new(y),
     })
+}
+
+/// `x` convolved with `weight` (`[c_out, c_in, kh, kw]`, no bias, groups 1, dilation 1, the same
+/// `stride` and zero `padding` on both spatial axes), equal to `x.conv2d(weight, padding, stride, 1, 1)`,
+/// differentiable with respect to both: what training needs.
+///
+/// The forward is [`conv2d_const_weight`]'s; the backward gives the input gradient by
+/// [`conv2d_input_grad`] and the kernel gradient by [`conv2d_weight_grad`], each only for an operand
+/// that tracks gradients (a constant image, a frozen weight cost nothing). Unlike candle 0.11's own
+/// conv2d backward it needs no `conv_transpose2d` (a naive loop on CPU and CUDA) and handles every
+/// stride/shape combination.
+pub fn conv2d_trainable(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = conv2d_untracked(&x.detach(), &weight.detach(), stride, padding)?;
+    if !x.track_op() && !weight.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(
+        weight,
+        TrainableConv2d {
+            stride,
+            padding,
+            output: PrecomputedOutput::new(y),
+        },
+    )
+}
+
+/// The forward convolution of untracked operands: im2col on CPU in f32/f64, candle's kernel elsewhere.
+fn conv2d_untracked(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let geometry = Geometry::of_forward(x, weight, stride, padding)?;
+    if uses_im2col(x) {
+        conv2d_im2col(x, weight, geometry, WINDOW_BUDGET)
+    } else {
+        x.conv2d(weight, padding, stride, 1, 1)
+    }
+}
+
+/// The kernel gradient of `conv2d(x, weight, stride, padding)` for a `weight` of spatial size
+/// `kernel_hw`, given the gradient `grad` (`[b, c_out, oh, ow]`) of its output: `[c_out, c_in, kh, kw]`,
+/// summed over the batch. f32/f64 on CPU use [`conv2d_weight_grad_im2col`], everything else
+/// [`conv2d_weight_grad_taps`].
+pub fn conv2d_weight_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    if uses_im2col(x) {
+        conv2d_weight_grad_im2col(x, grad, kernel_hw, stride, padding)
+    } else {
+        conv2d_weight_grad_taps(x, grad, kernel_hw, stride, padding)
+    }
+}
+
+/// [`conv2d_weight_grad`] on CPU (f32/f64): the windows of the whole batch chunk gathered channel-major,
+/// `[c_in * kh * kw, n * oh * ow]`, so that the kernel gradient is one gemm with the output gradient
+/// `[c_out, n * oh * ow]` (a long contraction even where the maps are small, deep in the network).
+pub fn conv2d_weight_grad_im2col(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    im2col_weight_grad(x, grad, kernel_hw, stride, padding, WINDOW_BUDGET)
+}
+
+fn im2col_weight_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let g = Geometry::of_weight_grad(x, grad, kernel_hw, stride, padding)?;
+    let positions = g.rows.out * g.cols.out;
+    let x = x.contiguous()?;
+    let grad = grad.reshape((g.b, g.c_out, positions))?;
+    let chunk = chunk_size(&g, budget);
+    let mut total: Option<Tensor> = None;
+    for start in (0..g.b).step_by(chunk) {
+        let n = chunk.min(g.b - start);
+        let x = x.narrow(0, start, n)?;
+        let windows = if g.is_pointwise() {
+            // Each window is one input position: only the batch and channel axes swap.
+            x.reshape((n, g.c_in, positions))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((g.c_in, n * positions))?
+        } else {
+            x.apply_op1_no_bwd(&Im2Col {
+                geometry: Geometry { b: n, ..g },
+                order: WindowOrder::ChannelMajor,
+            })?
+        };
+        let grad = grad
+            .narrow(0, start, n)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((g.c_out, n * positions))?;
+        let part = grad.matmul(&windows.t()?)?;
+        total = Some(match total {
+            None => part,
+            Some(t) => (t + part)?,
+        });
+    }
+    let total = total.ok_or_else(|| Error::Msg("conv2d_weight_grad: empty batch".into()))?;
+    total.reshape((g.c_out, g.c_in, g.rows.k, g.cols.k))
+}
+
+/// [`conv2d_weight_grad`] with tensor ops only (any device and dtype with a matmul): the input is
+/// zero-padded once and split into stride phases, `[b, c_in, h/s, s, w/s, s]`, so that every kernel
+/// tap's window positions are a plain strided view; the views, stacked `[kh * kw, c_in, n * oh * ow]`
+/// (one copy), meet the output gradient `[c_out, n * oh * ow]` in one gemm per batch chunk.
+pub fn conv2d_weight_grad_taps(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    taps_weight_grad(x, grad, kernel_hw, stride, padding, WINDOW_BUDGET)
+}
+
+fn taps_weight_grad(
+    x: &Tensor,
+    grad: &Tensor,
+    kernel_hw: (usize, usize),
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> Result<Tensor> {
+    let g = Geometry::of_weight_grad(x, grad, kernel_hw, stride, padding)?;
+    let (rows, cols) = (g.rows, g.cols);
+    let (kh, kw, s) = (rows.k, cols.k, stride);
+    let positions = rows.out * cols.out;
+    // Padded extents: multiples of the stride reaching past the last window of the last tap.
+    let (hp, wp) = (s * ((kh - 1) / s + rows.out), s * ((kw - 1) / s + cols.out));
+    let pad_after = |n: usize, p: usize, full: usize| full as isize - n as isize - p as isize;
+    let chunk = chunk_size(&g, budget);
+    let mut total: Option<Tensor> = None;
+    for start in (0..g.b).step_by(chunk) {
+        let n = chunk.min(g.b - start);
+        let xc = x.narrow(0, start, n)?;
+        let xc = pad_or_crop(&xc, 2, padding as isize, pad_after(rows.n, padding, hp))?;
+        let xc = pad_or_crop(&xc, 3, padding as isize, pad_after(cols.n, padding, wp))?
+            .contiguous()?
+            .reshape((n, g.c_in, hp / s, s, wp / s, s))?;
+        let mut taps = Vec::with_capacity(kh * kw);
+        for i in 0..kh {
+            for j in 0..kw {
+                // Input rows i, i + s, ...: phase i % s of the blocks from i / s on.
+                let view = xc
+                    .narrow(2, i / s, rows.out)?
+                    .narrow(3, i % s, 1)?
+                    .narrow(4, j / s, cols.out)?
+                    .narrow(5, j % s, 1)?
+                    .squeeze(5)?
+                    .squeeze(3)?;
+                taps.push(view.transpose(0, 1)?);
+            }
+        }
+        // [kh * kw, c_in, n, oh, ow]: tap-major, so the result is permuted (a small copy) at the end.
+        let windows = Tensor::stack(&taps, 0)?.reshape((kh * kw * g.c_in, n * positions))?;
+        let grad = grad
+            .narrow(0, start, n)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((g.c_out, n * positions))?;
+        let part = grad.matmul(&windows.t()?)?;
+        total = Some(match total {
+            None => part,
+            Some(t) => (t + part)?,
+        });
+    }
+    let total = total.ok_or_else(|| Error::Msg("conv2d_weight_grad: empty batch".into()))?;
+    total
+        .reshape((g.c_out, kh * kw, g.c_in))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((g.c_out, g.c_in, kh, kw))
 }
 
 /// The input gradient of `conv2d(x, weight, stride, padding)` for an `x` of spatial size `input_hw`,
@@ -105,7 +292,10 @@ fn conv2d_im2col(x: &Tensor, weight: &Tensor, g: Geometry, budget: usize) -> Res
             // Each window is one input position: nothing to gather.
             x.reshape((n, g.c_in, oh * ow))?
         } else {
-            x.apply_op1_no_bwd(&Im2Col { geometry: g })?
+            x.apply_op1_no_bwd(&Im2Col {
+                geometry: g,
+                order: WindowOrder::SampleMajor,
+            })?
         };
         parts.push(
             weight
@@ -222,7 +412,7 @@ impl Geometry {
         let (b, c_in, h, w) = x.dims4()?;
         let (c_out, c_in_k, kh, kw) = weight.dims4()?;
         if c_in != c_in_k {
-            bail!("conv2d_const_weight: input has {c_in} channels but the weight expects {c_in_k}")
+            bail!("conv2d: input has {c_in} channels but the weight expects {c_in_k}")
         }
         Ok(Self {
             b,
@@ -258,6 +448,35 @@ impl Geometry {
         if (oh, ow) != (eh, ew) {
             bail!(
                 "conv2d_input_grad: gradient size {oh}x{ow} does not match input {h}x{w} (kernel {kh}x{kw}, stride {stride}, padding {padding}: expected {eh}x{ew})"
+            )
+        }
+        Ok(geometry)
+    }
+
+    /// The convolution of `x` (`[b, c_in, h, w]`) whose output gradient is `grad`, for a kernel of
+    /// spatial size `(kh, kw)`.
+    fn of_weight_grad(
+        x: &Tensor,
+        grad: &Tensor,
+        (kh, kw): (usize, usize),
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let (b, c_in, h, w) = x.dims4()?;
+        let (gb, c_out, oh, ow) = grad.dims4()?;
+        let geometry = Self {
+            b,
+            c_in,
+            c_out,
+            rows: AxisGeometry::new("height", h, kh, stride, padding)?,
+            cols: AxisGeometry::new("width", w, kw, stride, padding)?,
+        };
+        let (eh, ew) = (geometry.rows.out, geometry.cols.out);
+        if (gb, oh, ow) != (b, eh, ew) {
+            bail!(
+                "conv2d_weight_grad: gradient of shape {:?} does not match input {:?} (kernel {kh}x{kw}, stride {stride}, padding {padding}: expected batch {b}, {eh}x{ew})",
+                grad.dims(),
+                x.dims()
             )
         }
         Ok(geometry)
@@ -386,45 +605,69 @@ fn pad_or_crop(t: &Tensor, dim: usize, before: isize, after: isize) -> Result<Te
     t.pad_with_zeros(dim, before.max(0) as usize, after.max(0) as usize)
 }
 
-/// The op [`conv2d_const_weight`] puts in the graph. Its forward value is computed before the op is
-/// applied, from detached inputs (candle 0.11 offers no public way to call a backend's convolution from
-/// a custom op: `ParamsConv2D` cannot be built outside candle), and handed over once through `output`,
-/// which the forward empties so the graph does not keep a second copy alive.
-struct ConstWeightConv2d {
-    weight: Tensor,
-    stride: usize,
-    padding: usize,
-    output: Mutex<Option<Tensor>>,
-}
+/// The forward value of a convolution op, computed before the op is applied, from detached inputs
+/// (candle 0.11 offers no public way to call a backend's convolution from a custom op: `ParamsConv2D`
+/// cannot be built outside candle), and handed over once: the op's forward empties it, so the graph
+/// does not keep a second copy alive.
+struct PrecomputedOutput(Mutex<Option<Tensor>>);
 
-impl ConstWeightConv2d {
-    fn take_output(&self) -> Result<Tensor> {
-        let mut output = self
-            .output
-            .lock()
-            .map_err(|_| Error::Msg("conv2d_const_weight: poisoned lock".into()))?;
-        output
-            .take()
-            .ok_or_else(|| Error::Msg("conv2d_const_weight: forward ran twice".into()))
+impl PrecomputedOutput {
+    fn new(y: Tensor) -> Self {
+        Self(Mutex::new(Some(y)))
     }
 
-    /// Copies the precomputed output out of its storage for the backend `pick` selects.
-    fn forward_on<S: BackendStorage>(
+    /// Copies the output out of its storage for the backend `pick` selects.
+    fn take_on<S: BackendStorage>(
         &self,
+        op: &str,
         pick: impl FnOnce(&Storage) -> Option<&S>,
     ) -> Result<(S, Shape)> {
-        let y = self.take_output()?;
+        let y = self
+            .0
+            .lock()
+            .map_err(|_| Error::Msg(format!("{op}: poisoned lock")))?
+            .take()
+            .ok_or_else(|| Error::Msg(format!("{op}: forward ran twice")))?;
         let (storage, layout) = y.storage_and_layout();
         // The forward allocates a fresh, exactly sized, contiguous output, so a plain clone of the
         // storage is the output in row-major order.
         if !layout.is_contiguous() || layout.start_offset() != 0 {
-            bail!("conv2d_const_weight: unexpected strided conv2d output")
+            bail!("{op}: unexpected strided conv2d output")
         }
         match pick(&storage) {
             Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            None => bail!("conv2d_const_weight: input and output on different devices"),
+            None => bail!("{op}: input and output on different devices"),
         }
     }
+
+    fn take_cpu(&self, op: &str) -> Result<(CpuStorage, Shape)> {
+        self.take_on(op, |s| match s {
+            Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn take_cuda(&self, op: &str) -> Result<(CudaStorage, Shape)> {
+        self.take_on(op, |s| match s {
+            Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn take_metal(&self, op: &str) -> Result<(MetalStorage, Shape)> {
+        self.take_on(op, |s| match s {
+            Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
+}
+
+/// The op [`conv2d_const_weight`] puts in the graph (input gradient only).
+struct ConstWeightConv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+    output: PrecomputedOutput,
 }
 
 impl CustomOp1 for ConstWeightConv2d {
@@ -433,24 +676,15 @@ impl CustomOp1 for ConstWeightConv2d {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.forward_on(|s| match s {
-            Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        self.output.take_cpu(self.name())
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.forward_on(|s| match s {
-            Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        self.output.take_cuda(self.name())
     }
 
     fn metal_fwd(&self, _: &MetalStorage, _: &Layout) -> Result<(MetalStorage, Shape)> {
-        self.forward_on(|s| match s {
-            Storage::Metal(s) => Some(s),
-            _ => None,
-        })
+        self.output.take_metal(self.name())
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -459,37 +693,147 @@ impl CustomOp1 for ConstWeightConv2d {
     }
 }
 
-/// Gathers every output position's window, `[n, c_in, h, w]` -> `[n, c_in * kh * kw, oh * ow]`
-/// (row-major over `c_in, kh, kw`; zeros for padding). CPU only; no backward.
+/// The op [`conv2d_trainable`] puts in the graph: gradients for the input and the weight, each only
+/// when that operand tracks gradients.
+struct TrainableConv2d {
+    stride: usize,
+    padding: usize,
+    output: PrecomputedOutput,
+}
+
+impl CustomOp2 for TrainableConv2d {
+    fn name(&self) -> &'static str {
+        "conv2d-trainable"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.output.take_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.output.take_cuda(self.name())
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        self.output.take_metal(self.name())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (_, _, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = weight.dims4()?;
+        let (stride, padding) = (self.stride, self.padding);
+        let grad_x = if x.track_op() {
+            Some(conv2d_input_grad(
+                grad_res,
+                &weight.detach(),
+                (h, w),
+                stride,
+                padding,
+            )?)
+        } else {
+            None
+        };
+        let grad_weight = if weight.track_op() {
+            Some(conv2d_weight_grad(
+                &x.detach(),
+                grad_res,
+                (kh, kw),
+                stride,
+                padding,
+            )?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_weight))
+    }
+}
+
+/// How [`Im2Col`] lays out the windows of a batch of `n` samples.
+#[derive(Debug, Clone, Copy)]
+enum WindowOrder {
+    /// `[n, c_in * kh * kw, oh * ow]`: one matrix per sample (the forward's gemm per sample).
+    SampleMajor,
+    /// `[c_in * kh * kw, n * oh * ow]`: the whole batch along the columns (the kernel gradient's gemm).
+    ChannelMajor,
+}
+
+/// Gathers every output position's window, `[n, c_in, h, w]` -> `[n, c_in * kh * kw, oh * ow]` or
+/// `[c_in * kh * kw, n * oh * ow]` (row-major over `c_in, kh, kw`; zeros for padding). CPU only; no
+/// backward.
 struct Im2Col {
     geometry: Geometry,
+    order: WindowOrder,
 }
 
 impl Im2Col {
     fn run<T: Copy + Default + Send + Sync>(&self, input: &[T]) -> Vec<T> {
         let g = &self.geometry;
-        let (plane_in, plane_windows) = (
-            g.rows.n * g.cols.n,
-            g.rows.k * g.cols.k * g.rows.out * g.cols.out,
-        );
+        let (plane_in, positions) = (g.rows.n * g.cols.n, g.rows.out * g.cols.out);
+        let plane_windows = g.rows.k * g.cols.k * positions;
         let stride = g.cols.stride;
         let mut windows = vec![T::default(); input.len() / plane_in * plane_windows];
-        // One (sample, channel) plane per task: planes are independent.
-        windows
-            .par_chunks_mut(plane_windows)
-            .zip(input.par_chunks(plane_in))
-            .for_each(|(dst, src)| {
-                g.for_each_run(|window, input, count| {
-                    let dst = &mut dst[window..window + count];
-                    if stride == 1 {
-                        dst.copy_from_slice(&src[input..input + count]);
-                    } else {
-                        for (d, &s) in dst.iter_mut().zip(src[input..].iter().step_by(stride)) {
-                            *d = s;
+        // Copies `count` input entries from `input` on (every `stride`-th) to `dst`.
+        let gather = |dst: &mut [T], src: &[T]| {
+            if stride == 1 {
+                dst.copy_from_slice(&src[..dst.len()]);
+            } else {
+                for (d, &s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                    *d = s;
+                }
+            }
+        };
+        match self.order {
+            // One (sample, channel) plane per task: planes are independent.
+            WindowOrder::SampleMajor => windows
+                .par_chunks_mut(plane_windows)
+                .zip(input.par_chunks(plane_in))
+                .for_each(|(dst, src)| {
+                    g.for_each_run(|window, input, count| {
+                        gather(&mut dst[window..window + count], &src[input..])
+                    })
+                }),
+            // One channel per task: its `[kh * kw, n, oh * ow]` block holds every sample's windows.
+            WindowOrder::ChannelMajor => {
+                let n = input.len() / (plane_in * g.c_in).max(1);
+                windows
+                    .par_chunks_mut(plane_windows * n)
+                    .enumerate()
+                    .for_each(|(c, dst)| {
+                        for sample in 0..n {
+                            let src = &input[(sample * g.c_in + c) * plane_in..][..plane_in];
+                            g.for_each_run(|window, input, count| {
+                                let (tap, position) = (window / positions, window % positions);
+                                let at = (tap * n + sample) * positions + position;
+                                gather(&mut dst[at..at + count], &src[input..])
+                            })
                         }
-                    }
-                })
-            });
+                    })
+            }
+        }
         windows
     }
 }
@@ -513,7 +857,12 @@ impl CustomOp1 for Im2Col {
                 other.dtype()
             ),
         };
-        Ok((windows, Shape::from((n, g.taps(), g.rows.out * g.cols.out))))
+        let positions = g.rows.out * g.cols.out;
+        let shape = match self.order {
+            WindowOrder::SampleMajor => Shape::from((n, g.taps(), positions)),
+            WindowOrder::ChannelMajor => Shape::from((g.taps(), n * positions)),
+        };
+        Ok((windows, shape))
     }
 }
 
@@ -586,7 +935,7 @@ mod tests {
     use candle_core::Device;
 
     /// Going through the batch in chunks (here of one or two samples) gives the same result as one
-    /// chunk, for the forward and the input gradient.
+    /// chunk, for the forward, the input gradient and both kernel gradients.
     #[test]
     fn chunked_batches_match_one_chunk() -> Result<()> {
         let dev = Device::Cpu;
@@ -598,14 +947,26 @@ mod tests {
             let whole = conv2d_im2col(&x, &w, g, usize::MAX)?;
             let grad = Tensor::randn(0f64, 1., whole.dims(), &dev)?;
             let grad_whole = col2im_input_grad(&grad, &w, (9, 8), stride, padding, usize::MAX)?;
+            let kernel = (k, k);
+            let gw_whole = im2col_weight_grad(&x, &grad, kernel, stride, padding, usize::MAX)?;
+            let gw_taps_whole = taps_weight_grad(&x, &grad, kernel, stride, padding, usize::MAX)?;
+            let diff = |a: Tensor, b: &Tensor| -> Result<f64> {
+                (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+            };
             for budget in [1, 2 * window] {
                 let y = conv2d_im2col(&x, &w, g, budget)?;
                 let gx = col2im_input_grad(&grad, &w, (9, 8), stride, padding, budget)?;
-                let dy = (y - &whole)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                let dgx = (gx - &grad_whole)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let gw = im2col_weight_grad(&x, &grad, kernel, stride, padding, budget)?;
+                let gw_taps = taps_weight_grad(&x, &grad, kernel, stride, padding, budget)?;
+                let errs = [
+                    diff(y, &whole)?,
+                    diff(gx, &grad_whole)?,
+                    diff(gw, &gw_whole)?,
+                    diff(gw_taps, &gw_taps_whole)?,
+                ];
                 assert!(
-                    dy.max(dgx) <= 1e-12,
-                    "k{k} s{stride} p{padding} budget {budget}: {dy:e} {dgx:e}"
+                    errs.iter().all(|&e| e <= 1e-12),
+                    "k{k} s{stride} p{padding} budget {budget}: {errs:?}"
                 );
             }
         }

@@ -6,10 +6,21 @@
 //! (`module.model.` / `module.attacker.model.` in robustness checkpoints): `conv1`, `bn1`,
 //! `layer{1..4}.{i}.conv1`, ..., the projection shortcut as `shortcut.0`/`shortcut.1` (CIFAR) or
 //! `downsample.0`/`downsample.1` (ImageNet), and the head as `linear` (CIFAR) or `fc` (ImageNet).
+//!
+//! Two modes, as PyTorch's `train()`/`eval()`: [`ResNet::forward`] (= `forward_t(x, false)`) is
+//! inference: batch norm uses its running statistics and every weight is a constant, so only the input
+//! gets a gradient, cheaply (PGD, guidance, evaluation). [`ResNet::forward_t`]`(x, true)` is training:
+//! batch norm normalizes with the batch's statistics and updates its running statistics in place (as
+//! `torch.nn.BatchNorm2d` with momentum 0.1), and every weight gets a gradient. Built from a
+//! `VarBuilder` over a `candle_nn::VarMap`, the model's weights and running statistics ARE that map's
+//! `Var`s (shared storage): gradients reach them, optimizer steps on them change the model, and the
+//! running statistics the model updates are the map's. A fresh map is initialized as PyTorch would
+//! (see [`ResNet::new`]). `num_batches_tracked` is neither read nor kept (with a fixed momentum
+//! PyTorch does not use it either).
 
-use crate::conv::conv2d_const_weight;
-use candle_core::{bail, DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use crate::conv::{conv2d_const_weight, conv2d_trainable};
+use candle_core::{bail, DType, Module, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::ops;
@@ -122,6 +133,26 @@ impl ResNetConfig {
     }
 }
 
+/// Whether a state-dict key names a batch-norm buffer (running statistics, `num_batches_tracked`)
+/// rather than a trainable parameter: the keys an optimizer must leave alone. Such `Var`s never
+/// receive a gradient from this module.
+pub fn is_buffer(name: &str) -> bool {
+    ["running_mean", "running_var", "num_batches_tracked"]
+        .iter()
+        .any(|b| name == *b || name.ends_with(&format!(".{b}")))
+}
+
+/// PyTorch's default initialization of `nn.Conv2d` and `nn.Linear` weights (`kaiming_uniform_` with
+/// `a = sqrt(5)`), which robustness' CIFAR ResNets keep: uniform in `+-1 / sqrt(fan_in)`; also the
+/// default `nn.Linear` bias.
+fn torch_default_init(fan_in: usize) -> Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
 /// Bias-free convolution (every ResNet convolution is followed by batch norm).
 #[derive(Debug, Clone)]
 struct Conv {
@@ -133,13 +164,23 @@ struct Conv {
 impl Conv {
     fn new(
         vb: VarBuilder,
+        layout: Layout,
         c_in: usize,
         c_out: usize,
         kernel: usize,
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+        let init = match layout {
+            Layout::Cifar => torch_default_init(c_in * kernel * kernel),
+            // torchvision re-initializes every convolution: kaiming_normal_(mode='fan_out', relu).
+            Layout::Imagenet => Init::Kaiming {
+                dist: candle_nn::init::NormalOrUniform::Normal,
+                fan: candle_nn::init::FanInOut::FanOut,
+                non_linearity: candle_nn::init::NonLinearity::ReLU,
+            },
+        };
+        let weight = vb.get_with_hints((c_out, c_in, kernel, kernel), "weight", init)?;
         Ok(Self {
             weight,
             stride,
@@ -147,46 +188,106 @@ impl Conv {
         })
     }
 
-    /// The weight is a constant here (inference, PGD and guidance differentiate w.r.t. the image
-    /// only): [`conv2d_const_weight`] skips the kernel gradient and computes the input gradient with
-    /// im2col/col2im, several times faster than candle's conv2d backward on CPU.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Inference ([`conv2d_const_weight`]): the weight is a constant (PGD and guidance differentiate
+    /// w.r.t. the image only), the input gradient comes from im2col/col2im, several times faster than
+    /// candle's conv2d backward on CPU. Training ([`conv2d_trainable`]): the weight gets its gradient too.
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let k = self.weight.dim(2)?;
         if h + 2 * self.padding < k || w + 2 * self.padding < k {
             bail!("ResNet: a {h}x{w} feature map is too small for a {k}x{k} convolution (input image too small)")
         }
-        conv2d_const_weight(x, &self.weight, self.stride, self.padding)
+        if train {
+            conv2d_trainable(x, &self.weight, self.stride, self.padding)
+        } else {
+            conv2d_const_weight(x, &self.weight, self.stride, self.padding)
+        }
     }
 }
 
-/// Inference-mode batch norm, folded into a per-channel scale and shift the way PyTorch's CPU kernel
-/// evaluates it: `x * (weight / sqrt(var + eps)) + (bias - mean * weight / sqrt(var + eps))`.
-/// `num_batches_tracked` is not needed and not requested.
+/// `torch.nn.BatchNorm2d` (eps 1e-5, momentum 0.1, affine, tracking running statistics), keeping its
+/// raw parameters. The running statistics are `Var`s updated in place by training-mode forwards (the
+/// VarMap's own when the model was built from one).
 #[derive(Debug, Clone)]
 struct BatchNorm {
-    scale: Tensor,
-    shift: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
 }
 
 impl BatchNorm {
     const EPS: f64 = 1e-5;
+    const MOMENTUM: f64 = 0.1;
 
     fn new(vb: VarBuilder, c: usize) -> Result<Self> {
-        let mean = vb.get(c, "running_mean")?;
-        let var = vb.get(c, "running_var")?;
-        let weight = vb.get(c, "weight")?;
-        let bias = vb.get(c, "bias")?;
-        let scale = (weight * (var + Self::EPS)?.sqrt()?.recip()?)?;
-        let shift = (bias - (mean * &scale)?)?;
+        // `Var::from_tensor` shares a tensor that already is a variable (a VarMap's) and copies any
+        // other into a variable of the model's own.
+        let stat = |name: &str, init: f64| -> Result<Var> {
+            Var::from_tensor(&vb.get_with_hints(c, name, Init::Const(init))?)
+        };
         Ok(Self {
-            scale: scale.reshape((1, c, 1, 1))?,
-            shift: shift.reshape((1, c, 1, 1))?,
+            weight: vb.get_with_hints(c, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(c, "bias", Init::Const(0.0))?,
+            running_mean: stat("running_mean", 0.0)?,
+            running_var: stat("running_var", 1.0)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.forward_train(x)
+        } else {
+            self.forward_eval(x)
+        }
+    }
+
+    /// Running statistics, folded into a per-channel scale and shift the way PyTorch's CPU kernel
+    /// evaluates it: `x * (weight / sqrt(var + eps)) + (bias - mean * weight / sqrt(var + eps))`; all
+    /// parameters are constants.
+    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let mean = self.running_mean.as_detached_tensor();
+        let var = self.running_var.as_detached_tensor();
+        let scale = (self.weight.detach() * (var + Self::EPS)?.sqrt()?.recip()?)?;
+        let shift = (self.bias.detach() - (mean * &scale)?)?;
+        x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?)
+    }
+
+    /// Batch statistics over (N, H, W): `(x - mean) / sqrt(var + eps) * weight + bias` with the biased
+    /// variance, differentiable w.r.t. the input, weight and bias; then
+    /// `running = (1 - momentum) * running + momentum * batch` with the unbiased variance.
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let count = n * h * w;
+        if count < 2 {
+            bail!("batch norm in training mode needs more than one value per channel, got input of shape {:?}", x.dims())
+        }
+        // Per-channel mean of a (N, C, H, W) tensor: the contiguous H*W sums first, then the batch.
+        let channel_mean = |t: &Tensor| -> Result<Tensor> {
+            t.reshape((n, c, h * w))?
+                .sum_keepdim(2)?
+                .sum_keepdim(0)?
+                .reshape((1, c, 1, 1))?
+                / count as f64
+        };
+        let mean = channel_mean(x)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = channel_mean(&centered.sqr()?)?;
+        let scale = ((&var + Self::EPS)?.sqrt()?.recip()? * self.weight.reshape((1, c, 1, 1))?)?;
+        let y = centered
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+
+        let m = Self::MOMENTUM;
+        let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+        let update = |running: &Var, batch: Tensor| -> Result<()> {
+            running.set(&((running.as_tensor() * (1.0 - m))? + (batch * m)?)?)
+        };
+        update(&self.running_mean, mean.detach().flatten_all()?)?;
+        update(&self.running_var, unbiased)?;
+        Ok(y)
     }
 }
 
@@ -213,14 +314,14 @@ impl Shortcut {
             Layout::Cifar => "shortcut",
             Layout::Imagenet => "downsample",
         });
-        let conv = Conv::new(vb.pp("0"), c_in, c_out, 1, stride, 0)?;
+        let conv = Conv::new(vb.pp("0"), layout, c_in, c_out, 1, stride, 0)?;
         let bn = BatchNorm::new(vb.pp("1"), c_out)?;
         Ok(Some(Self { conv, bn }))
     }
 
-    fn forward(this: &Option<Self>, x: &Tensor) -> Result<Tensor> {
+    fn forward_t(this: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
         match this {
-            Some(s) => s.bn.forward(&s.conv.forward(x)?),
+            Some(s) => s.bn.forward_t(&s.conv.forward_t(x, train)?, train),
             None => Ok(x.clone()),
         }
     }
@@ -245,18 +346,29 @@ impl BasicBlock {
         stride: usize,
     ) -> Result<Self> {
         Ok(Self {
-            conv1: Conv::new(vb.pp("conv1"), c_in, planes, 3, stride, 1)?,
+            conv1: Conv::new(vb.pp("conv1"), layout, c_in, planes, 3, stride, 1)?,
             bn1: BatchNorm::new(vb.pp("bn1"), planes)?,
-            conv2: Conv::new(vb.pp("conv2"), planes, planes, 3, 1, 1)?,
+            conv2: Conv::new(vb.pp("conv2"), layout, planes, planes, 3, 1, 1)?,
             bn2: BatchNorm::new(vb.pp("bn2"), planes)?,
             shortcut: Shortcut::new(vb, layout, c_in, planes, stride)?,
         })
     }
 
+    /// Inference mode: `forward_t(x, false)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
-        let out = self.bn2.forward(&self.conv2.forward(&out)?)?;
-        (out + Shortcut::forward(&self.shortcut, x)?)?.relu()
+        self.forward_t(x, false)
+    }
+
+    /// Training (`train`) or inference mode; see the module docs.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self
+            .bn1
+            .forward_t(&self.conv1.forward_t(x, train)?, train)?
+            .relu()?;
+        let out = self
+            .bn2
+            .forward_t(&self.conv2.forward_t(&out, train)?, train)?;
+        (out + Shortcut::forward_t(&self.shortcut, x, train)?)?.relu()
     }
 }
 
@@ -283,21 +395,35 @@ impl Bottleneck {
     ) -> Result<Self> {
         let c_out = planes * BlockKind::Bottleneck.expansion();
         Ok(Self {
-            conv1: Conv::new(vb.pp("conv1"), c_in, planes, 1, 1, 0)?,
+            conv1: Conv::new(vb.pp("conv1"), layout, c_in, planes, 1, 1, 0)?,
             bn1: BatchNorm::new(vb.pp("bn1"), planes)?,
-            conv2: Conv::new(vb.pp("conv2"), planes, planes, 3, stride, 1)?,
+            conv2: Conv::new(vb.pp("conv2"), layout, planes, planes, 3, stride, 1)?,
             bn2: BatchNorm::new(vb.pp("bn2"), planes)?,
-            conv3: Conv::new(vb.pp("conv3"), planes, c_out, 1, 1, 0)?,
+            conv3: Conv::new(vb.pp("conv3"), layout, planes, c_out, 1, 1, 0)?,
             bn3: BatchNorm::new(vb.pp("bn3"), c_out)?,
             shortcut: Shortcut::new(vb, layout, c_in, c_out, stride)?,
         })
     }
 
+    /// Inference mode: `forward_t(x, false)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let out = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
-        let out = self.bn2.forward(&self.conv2.forward(&out)?)?.relu()?;
-        let out = self.bn3.forward(&self.conv3.forward(&out)?)?;
-        (out + Shortcut::forward(&self.shortcut, x)?)?.relu()
+        self.forward_t(x, false)
+    }
+
+    /// Training (`train`) or inference mode; see the module docs.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let out = self
+            .bn1
+            .forward_t(&self.conv1.forward_t(x, train)?, train)?
+            .relu()?;
+        let out = self
+            .bn2
+            .forward_t(&self.conv2.forward_t(&out, train)?, train)?
+            .relu()?;
+        let out = self
+            .bn3
+            .forward_t(&self.conv3.forward_t(&out, train)?, train)?;
+        (out + Shortcut::forward_t(&self.shortcut, x, train)?)?.relu()
     }
 }
 
@@ -308,11 +434,37 @@ enum Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
-            Block::Basic(b) => b.forward(x),
-            Block::Bottleneck(b) => b.forward(x),
+            Block::Basic(b) => b.forward_t(x, train),
+            Block::Bottleneck(b) => b.forward_t(x, train),
         }
+    }
+}
+
+/// The final linear layer, `x W^T + b` (candle_nn::Linear's arithmetic), constant in inference mode.
+#[derive(Debug, Clone)]
+struct Head {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Head {
+    /// PyTorch's default `nn.Linear` initialization (neither robustness nor torchvision changes it).
+    fn new(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints((c_out, c_in), "weight", torch_default_init(c_in))?,
+            bias: vb.get_with_hints(c_out, "bias", torch_default_init(c_in))?,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (weight, bias) = if train {
+            (self.weight.clone(), self.bias.clone())
+        } else {
+            (self.weight.detach(), self.bias.detach())
+        };
+        x.matmul(&weight.t()?)?.broadcast_add(&bias)
     }
 }
 
@@ -325,7 +477,7 @@ pub struct ResNet {
     bn1: BatchNorm,
     /// `layers[stage][block]`.
     layers: Vec<Vec<Block>>,
-    head: Linear,
+    head: Head,
     mean: Tensor,
     std: Tensor,
 }
@@ -333,13 +485,20 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the network from `vb`, whose keys are the original state dict's without wrapper
     /// prefixes (see the module docs). The model's dtype and device are `vb`'s.
+    ///
+    /// With a `VarBuilder` over a `candle_nn::VarMap` (of `vb`'s dtype), the model uses the map's
+    /// `Var`s and creates missing ones initialized as PyTorch does: convolutions uniform in
+    /// `+-1/sqrt(fan_in)` (CIFAR layout: robustness keeps the default) or `kaiming_normal_(fan_out)`
+    /// (ImageNet layout, torchvision), batch norm weight 1, bias 0, running mean 0, variance 1, and the
+    /// head uniform in `+-1/sqrt(fan_in)`. Use [`is_buffer`] to keep the running statistics away from
+    /// the optimizer.
     pub fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         if cfg.widths.contains(&0) || cfg.blocks.contains(&0) || cfg.num_classes == 0 {
             bail!("ResNet config has a zero width, block count or class count: {cfg:?}")
         }
         let conv1 = match cfg.layout {
-            Layout::Cifar => Conv::new(vb.pp("conv1"), 3, cfg.widths[0], 3, 1, 1)?,
-            Layout::Imagenet => Conv::new(vb.pp("conv1"), 3, cfg.widths[0], 7, 2, 3)?,
+            Layout::Cifar => Conv::new(vb.pp("conv1"), cfg.layout, 3, cfg.widths[0], 3, 1, 1)?,
+            Layout::Imagenet => Conv::new(vb.pp("conv1"), cfg.layout, 3, cfg.widths[0], 7, 2, 3)?,
         };
         let bn1 = BatchNorm::new(vb.pp("bn1"), cfg.widths[0])?;
         let expansion = cfg.block.expansion();
@@ -367,7 +526,7 @@ impl ResNet {
             Layout::Cifar => "linear",
             Layout::Imagenet => "fc",
         };
-        let head = candle_nn::linear(cfg.feature_dim(), cfg.num_classes, vb.pp(head_name))?;
+        let head = Head::new(vb.pp(head_name), cfg.feature_dim(), cfg.num_classes)?;
         let channel_stat = |v: [f32; 3]| -> Result<Tensor> {
             Tensor::new(&v, vb.device())?
                 .to_dtype(vb.dtype())?
@@ -408,18 +567,22 @@ impl ResNet {
             .broadcast_div(&self.std)
     }
 
-    /// Pre-head features `(N, feature_dim)` of pixels `x` in [0, 1], shape `(N, 3, H, W)`.
+    /// Pre-head features `(N, feature_dim)` of pixels `x` in [0, 1], shape `(N, 3, H, W)`, in inference
+    /// mode.
     pub fn forward_features(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_features_t(x, false)
+    }
+
+    /// Pre-head features in training (`train`) or inference mode; see the module docs.
+    pub fn forward_features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let mut x = self
-            .bn1
-            .forward(&self.conv1.forward(&self.normalize(x)?)?)?
-            .relu()?;
+        let x = self.conv1.forward_t(&self.normalize(x)?, train)?;
+        let mut x = self.bn1.forward_t(&x, train)?.relu()?;
         if self.cfg.layout == Layout::Imagenet {
             x = ops::max_pool2d(&x, 3, 2, 1)?;
         }
         for block in self.layers.iter().flatten() {
-            x = block.forward(&x)?;
+            x = block.forward_t(&x, train)?;
         }
         match self.cfg.layout {
             Layout::Cifar => {
@@ -435,9 +598,18 @@ impl ResNet {
         }
     }
 
-    /// Logits `(N, num_classes)` of pixels `x` in [0, 1], shape `(N, 3, H, W)`.
+    /// Logits `(N, num_classes)` of pixels `x` in [0, 1], shape `(N, 3, H, W)`, in inference mode
+    /// (PyTorch's `eval()`): running statistics, constant weights, gradients for `x` only.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.head.forward(&self.forward_features(x)?)
+        self.forward_t(x, false)
+    }
+
+    /// Logits in training mode (`train`, PyTorch's `train()`: batch statistics, running statistics
+    /// updated in place, gradients for every weight and `x`) or inference mode (`!train`, as
+    /// [`ResNet::forward`]).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.head
+            .forward_t(&self.forward_features_t(x, train)?, train)
     }
 
     /// The model's dtype (that of its parameters).

@@ -1,13 +1,16 @@
-//! `conv2d_const_weight` against candle's `Tensor::conv2d`: forward values, and input gradients against
-//! candle's own autograd (slow but independent code: `conv_transpose2d`) and against a convolution
-//! built from pad/narrow/reshape/matmul whose autograd involves no convolution at all. Both input
-//! gradient implementations are checked: col2im (what the op uses for f32/f64 on CPU) and the
-//! convolution-only one (CUDA and half precision).
+//! `conv2d_const_weight` and `conv2d_trainable` against candle's `Tensor::conv2d`: forward values, and
+//! input (and kernel) gradients against candle's own autograd (slow but independent code:
+//! `conv_transpose2d` and a dilated convolution) and against a convolution built from
+//! pad/narrow/reshape/matmul whose autograd involves no convolution at all. Both input gradient
+//! implementations are checked: col2im (what the ops use for f32/f64 on CPU) and the
+//! convolution-only one (CUDA and half precision); likewise both kernel gradient implementations:
+//! channel-major im2col + gemm (CPU f32/f64) and tensor-op taps + gemm (elsewhere).
 //!
 //! Errors are max-abs relative: max|ours - reference| / max(max|reference|, 1e-30).
 
 use bigroc_models::conv::{
     conv2d_const_weight, conv2d_input_grad, conv2d_input_grad_col2im, conv2d_input_grad_conv,
+    conv2d_trainable, conv2d_weight_grad, conv2d_weight_grad_im2col, conv2d_weight_grad_taps,
 };
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -325,5 +328,236 @@ fn bad_shapes_give_clear_errors() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not match"), "{err}");
+    Ok(())
+}
+
+/// Gradients of `sum(f(x, w) * g)` with respect to `x` and `w`, through candle's autograd.
+fn autograd_grads(
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (x, w) = (Var::from_tensor(x)?, Var::from_tensor(w)?);
+    let y = f(x.as_tensor(), w.as_tensor())?;
+    let grads = (y * g)?.sum_all()?.backward()?;
+    let get = |t: &Tensor, what: &str| {
+        grads
+            .get(t)
+            .unwrap_or_else(|| panic!("no gradient reached the {what}"))
+            .clone()
+    };
+    Ok((get(x.as_tensor(), "input"), get(w.as_tensor(), "weight")))
+}
+
+/// (kh, kw, stride, padding): every case of [`CONVS`], plus non-square kernels.
+fn trainable_cases() -> Vec<(usize, usize, usize, usize)> {
+    let mut cases: Vec<_> = CONVS.iter().map(|&(k, s, p)| (k, k, s, p)).collect();
+    cases.extend([(3, 1, 2, 1), (1, 3, 1, 0), (2, 3, 2, 1)]);
+    cases
+}
+
+fn check_trainable(dtype: DType, tol: f64) -> Result<()> {
+    let (b, c_in, c_out) = (3, 3, 4);
+    let mut worst = (0f64, 0f64, 0f64);
+    let mut seed = 1000;
+    let mut candle_checked = 0;
+    for (kh, kw, stride, padding) in trainable_cases() {
+        for &(h, w) in SIZES {
+            if h + 2 * padding < kh || w + 2 * padding < kw {
+                continue;
+            }
+            seed += 3;
+            let x = randn(seed, &[b, c_in, h, w], dtype)?;
+            let wt = randn(seed + 1, &[c_out, c_in, kh, kw], dtype)?;
+            let expected = x.conv2d(&wt, padding, stride, 1, 1)?;
+            let fwd_err = rel_err(&conv2d_trainable(&x, &wt, stride, padding)?, &expected)?;
+
+            let g = randn(seed + 2, expected.dims(), dtype)?;
+            let (gx, gw) =
+                autograd_grads(&x, &wt, &g, |x, w| conv2d_trainable(x, w, stride, padding))?;
+            let (gx_ref, gw_ref) =
+                autograd_grads(&x, &wt, &g, |x, w| conv2d_by_taps(x, w, stride, padding))?;
+            let im2col = conv2d_weight_grad_im2col(&x, &g, (kh, kw), stride, padding)?;
+            let taps = conv2d_weight_grad_taps(&x, &g, (kh, kw), stride, padding)?;
+            assert_eq!(rel_err(&gw, &im2col)?, 0.0, "the op did not use im2col");
+            assert_eq!(
+                rel_err(
+                    &gx,
+                    &conv2d_input_grad_col2im(&g, &wt, (h, w), stride, padding)?
+                )?,
+                0.0,
+                "the op did not use col2im"
+            );
+            let gx_err = rel_err(&gx, &gx_ref)?;
+            let gw_err = rel_err(&gw, &gw_ref)?.max(rel_err(&taps, &gw_ref)?);
+            // candle's own backward (see `check_all` for the shapes where it fails).
+            let candle = autograd_grads(&x, &wt, &g, |x, w| x.conv2d(w, padding, stride, 1, 1));
+            let candle_err = match candle {
+                Ok((cgx, cgw)) => {
+                    candle_checked += 1;
+                    rel_err(&gx, &cgx)?.max(rel_err(&gw, &cgw)?)
+                }
+                Err(_) => f64::NAN,
+            };
+            println!(
+                "{dtype:?} k{kh}x{kw} s{stride} p{padding} {h}x{w}: forward {fwd_err:.2e}, input grad {gx_err:.2e}, weight grad (im2col, taps) {gw_err:.2e}, vs candle autograd {candle_err:.2e}"
+            );
+            assert!(fwd_err <= tol, "forward error {fwd_err:.3e} > {tol:.0e}");
+            assert!(
+                gx_err <= tol,
+                "input gradient error {gx_err:.3e} > {tol:.0e}"
+            );
+            assert!(
+                gw_err <= tol,
+                "weight gradient error {gw_err:.3e} > {tol:.0e}"
+            );
+            assert!(
+                candle_err.is_nan() || candle_err <= tol,
+                "gradient error vs candle {candle_err:.3e}"
+            );
+            worst = (
+                worst.0.max(fwd_err),
+                worst.1.max(gx_err),
+                worst
+                    .2
+                    .max(gw_err.max(if candle_err.is_nan() { 0.0 } else { candle_err })),
+            );
+        }
+    }
+    println!(
+        "{dtype:?}: worst forward {:.2e}, input grad {:.2e}, weight grad {:.2e}; candle's backward compared on {candle_checked} cases",
+        worst.0, worst.1, worst.2
+    );
+    assert!(
+        candle_checked >= 40,
+        "candle's backward ran on too few cases"
+    );
+    Ok(())
+}
+
+#[test]
+fn trainable_forward_and_grads_match_f64() -> Result<()> {
+    check_trainable(DType::F64, 1e-10)
+}
+
+#[test]
+fn trainable_forward_and_grads_match_f32() -> Result<()> {
+    check_trainable(DType::F32, 1e-4)
+}
+
+/// x -> conv 3x3 s1 -> tanh -> conv 3x3 s2 -> silu -> conv 1x1 s2 with trainable weights: gradients of
+/// a random projection with respect to every weight and the input, against central finite differences.
+#[test]
+fn trainable_grads_match_finite_differences() -> Result<()> {
+    let x = randn(201, &[2, 3, 9, 12], DType::F64)?;
+    let shapes: [&[usize]; 3] = [&[4, 3, 3, 3], &[5, 4, 3, 3], &[3, 5, 1, 1]];
+    let ws: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| randn(202 + i as u64, s, DType::F64))
+        .collect::<Result<_>>()?;
+    let net = |x: &Tensor, ws: &[Tensor]| -> Result<Tensor> {
+        let h = conv2d_trainable(x, &ws[0], 1, 1)?.tanh()?;
+        let h = candle_nn::ops::silu(&conv2d_trainable(&h, &ws[1], 2, 1)?)?;
+        conv2d_trainable(&h, &ws[2], 2, 0)
+    };
+    let g = randn(205, net(&x, &ws)?.dims(), DType::F64)?;
+    let loss =
+        |x: &Tensor, ws: &[Tensor]| -> Result<f64> { (net(x, ws)? * &g)?.sum_all()?.to_scalar() };
+
+    let vars: Vec<Var> = std::iter::once(&x)
+        .chain(&ws)
+        .map(Var::from_tensor)
+        .collect::<Result<_>>()?;
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = (net(&tensors[0], &tensors[1..])? * &g)?
+        .sum_all()?
+        .backward()?;
+
+    let eps = 1e-5;
+    for (which, var) in vars.iter().enumerate() {
+        let ours = grads
+            .get(var.as_tensor())
+            .expect("gradient reaches every operand");
+        let ours_flat = ours.flatten_all()?.to_vec1::<f64>()?;
+        let scale = ours.abs()?.max_all()?.to_scalar::<f64>()?;
+        let flat = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+        let mut fd_err = 0f64;
+        let step = (flat.len() / 17).max(1);
+        for idx in (0..flat.len()).step_by(step) {
+            let shifted = |delta: f64| -> Result<f64> {
+                let mut v = flat.clone();
+                v[idx] += delta;
+                let t = Tensor::from_vec(v, var.dims(), &Device::Cpu)?;
+                let mut operands = tensors.iter().map(|t| t.detach()).collect::<Vec<_>>();
+                operands[which] = t;
+                loss(&operands[0], &operands[1..])
+            };
+            let fd = (shifted(eps)? - shifted(-eps)?) / (2.0 * eps);
+            fd_err = fd_err.max((fd - ours_flat[idx]).abs() / scale);
+        }
+        let what = if which == 0 {
+            "input".to_string()
+        } else {
+            format!("weight {which}")
+        };
+        println!("{what}: gradient vs finite differences {fd_err:.2e}");
+        assert!(
+            fd_err <= 1e-6,
+            "{what}: error vs finite differences {fd_err:.3e}"
+        );
+    }
+    Ok(())
+}
+
+/// Only operands that track gradients get one; untracked operands give an untracked output.
+#[test]
+fn trainable_grads_only_for_tracked_operands() -> Result<()> {
+    let x = randn(31, &[2, 2, 6, 6], DType::F32)?;
+    let w = randn(32, &[3, 2, 3, 3], DType::F32)?;
+    let plain = conv2d_trainable(&x, &w, 2, 1)?;
+    assert!(
+        !plain.track_op(),
+        "untracked operands gave a tracked output"
+    );
+
+    let wv = Var::from_tensor(&w)?;
+    let y = conv2d_trainable(&x, wv.as_tensor(), 2, 1)?;
+    assert_eq!(rel_err(&y, &plain)?, 0.0);
+    let grads = y.sum_all()?.backward()?;
+    assert!(grads.get(&x).is_none(), "the constant input got a gradient");
+    let gw = grads
+        .get(wv.as_tensor())
+        .expect("the weight got no gradient");
+    let ones = Tensor::ones(y.dims(), DType::F32, &Device::Cpu)?;
+    assert_eq!(
+        rel_err(gw, &conv2d_weight_grad(&x, &ones, (3, 3), 2, 1)?)?,
+        0.0
+    );
+
+    let xv = Var::from_tensor(&x)?;
+    let grads = conv2d_trainable(xv.as_tensor(), &w, 2, 1)?
+        .sum_all()?
+        .backward()?;
+    assert!(
+        grads.get(&w).is_none(),
+        "the constant weight got a gradient"
+    );
+    assert!(
+        grads.get(xv.as_tensor()).is_some(),
+        "the input got no gradient"
+    );
+    Ok(())
+}
+
+#[test]
+fn weight_grad_bad_shapes_give_clear_errors() -> Result<()> {
+    let x = randn(1, &[2, 3, 8, 8], DType::F32)?;
+    let g = randn(3, &[2, 4, 5, 5], DType::F32)?;
+    for f in [conv2d_weight_grad_im2col, conv2d_weight_grad_taps] {
+        let err = f(&x, &g, (3, 3), 1, 1).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+    }
     Ok(())
 }
