@@ -354,7 +354,6 @@ pub fn train_timed_classifier(cfg: &TimedClassifierTraining, train: &ImageSet, n
 
 /// Writes the trained network as the time-dependent classifier file `sample --classifier` reads
 /// (`kind` adm-classifier; `info.training` is `robust` with an attack, else `vanilla`).
-#[allow(clippy::too_many_arguments)]
 pub fn save_time_classifier(
     path: &std::path::Path,
     cfg: &TimedClassifierTraining,
