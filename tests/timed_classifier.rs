@@ -333,6 +333,35 @@ fn resume_continues_bit_for_bit() {
     assert!(err.contains("attack: checkpoint"), "{err}");
 }
 
+/// guided-diffusion's initialization: zero_module layers at 0, GroupNorm affine 1/0, convolution
+/// and linear parameters uniform within +-1/sqrt(fan_in), positional embedding ~ N(0, 1/C).
+#[test]
+fn initialization_follows_guided_diffusion() {
+    let cfg = tiny_config(false);
+    let net = TrainableTimeClassifier::new(&cfg.model, 7, &Device::Cpu).unwrap();
+    let values = |name: &str| -> Vec<f32> {
+        let p = net.parameters().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no `{name}`")).1;
+        p.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    for zero in ["input_blocks.1.0.out_layers.3.weight", "input_blocks.1.0.out_layers.3.bias", "input_blocks.3.1.proj_out.weight", "middle_block.1.proj_out.bias"] {
+        assert!(values(zero).iter().all(|&v| v == 0.0), "{zero} is not zero");
+    }
+    assert!(values("input_blocks.1.0.in_layers.0.weight").iter().all(|&v| v == 1.0));
+    assert!(values("out.0.bias").iter().all(|&v| v == 0.0));
+    for (name, fan_in) in [("input_blocks.0.0.weight", 27.0), ("input_blocks.0.0.bias", 27.0), ("time_embed.2.bias", 128.0), ("out.2.qkv_proj.weight", 32.0)] {
+        let v = values(name);
+        let bound = 1.0 / f32::sqrt(fan_in);
+        let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(max <= bound && max > 0.8 * bound, "{name}: max |v| {max} vs bound {bound}");
+    }
+    let pe = values("out.2.positional_embedding");
+    let std = (pe.iter().map(|v| v * v).sum::<f32>() / pe.len() as f32).sqrt();
+    assert!((std - 1.0 / 32f32.sqrt()).abs() < 0.03, "positional embedding std {std}");
+    // Seeded: the same seed gives the same network.
+    let again = TrainableTimeClassifier::new(&cfg.model, 7, &Device::Cpu).unwrap();
+    assert_eq!(weights(&net), weights(&again));
+}
+
 #[test]
 fn saved_file_loads_as_a_time_classifier() {
     let cfg = tiny_config(true);
