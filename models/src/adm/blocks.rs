@@ -5,12 +5,14 @@
 //! (input, middle and output blocks) run in the builder's dtype; normalization statistics, the
 //! attention softmax, the timestep/class embeddings and the linear layers stay in f32.
 //! Every op here is differentiable with respect to the input (classifier guidance needs
-//! d log p(y|x_t) / d x_t); dropout is the identity because these models only run at inference.
+//! d log p(y|x_t) / d x_t) and, for a model built on variables (a `VarMap`), with respect to the
+//! weights too (training the time-dependent classifier). Dropout is the identity: the models are
+//! trained and run with dropout 0.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::conv::conv2d_const_weight;
+use crate::conv::{conv2d_const_weight, conv2d_trainable};
 
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
@@ -115,8 +117,11 @@ impl Module for GroupNorm32 {
 }
 
 /// A 2-D convolution with bias (weights (out, in, k, k)), padding `k / 2`, in the builder's
-/// dtype. Runs through `conv2d_const_weight`: its backward gives the input gradient only (what
-/// classifier guidance needs) without candle's kernel gradient and slow `conv_transpose2d`.
+/// dtype. A constant weight (loaded from a file, or detached) runs through `conv2d_const_weight`:
+/// its backward gives the input gradient only (what classifier guidance and attacks need) without
+/// candle's kernel gradient and slow `conv_transpose2d`. A weight that tracks gradients (a `Var`
+/// of a model being trained) runs through `conv2d_trainable`, whose backward also gives the kernel
+/// gradient.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -138,7 +143,12 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d_const_weight(x, &self.weight, self.stride, self.padding)?.broadcast_add(&self.bias)
+        let y = if self.weight.track_op() {
+            conv2d_trainable(x, &self.weight, self.stride, self.padding)?
+        } else {
+            conv2d_const_weight(x, &self.weight, self.stride, self.padding)?
+        };
+        y.broadcast_add(&self.bias)
     }
 }
 
