@@ -31,3 +31,32 @@ pub fn steps(total: usize, what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// Progress over images for jobs whose total is learned as they go: the image bar on a terminal,
+/// else (CI, logs, nohup) a log line every 10% with the rate.
+pub struct ImageProgress {
+    bar: ProgressBar,
+    what: String,
+    start: std::time::Instant,
+    next_log: usize,
+}
+
+impl ImageProgress {
+    pub fn new(what: &str) -> Self {
+        ImageProgress { bar: images(0, 0, what), what: what.to_string(), start: std::time::Instant::now(), next_log: 0 }
+    }
+
+    pub fn update(&mut self, done: usize, total: usize) {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
+        if self.bar.is_hidden() && (done >= self.next_log || done == total) {
+            let secs = self.start.elapsed().as_secs_f64();
+            tracing::info!("{}: {done}/{total} images, {:.2} img/s", self.what, done as f64 / secs.max(1e-9));
+            self.next_log = done + total.div_ceil(10).max(1);
+        }
+    }
+
+    pub fn finish(self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -54,7 +54,7 @@ pub fn run(a: AccuracyArgs) -> Result<()> {
         steps: a.steps,
         use_best: true,
     });
-    let mut progress = super::Progress::new("accuracy");
+    let mut progress = bigroc::progress::ImageProgress::new("accuracy");
     let started = std::time::Instant::now();
     let acc = accuracy(&|x| classifier.logits(x), &data, a.batch_size, attack.as_ref(), &device, &mut |done, total| progress.update(done, total))?;
     progress.finish();

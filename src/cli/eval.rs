@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bigroc::eval::pipeline::{
-    compute_metrics, load_side, EvalReport, LazyInception, Metric, Needs,
+    compute_metrics, load_side, EvalReport, Metric, Needs,
 };
 use bigroc::eval::Selection;
 use clap::Args;
@@ -31,20 +31,13 @@ pub struct EvalArgs {
     /// Only these reference images, as START:END[:STEP].
     #[arg(long)]
     reference_subset: Option<Selection>,
-    /// Inception weights (TorchScript inception-2015-12-05.pt or pytorch-fid's .pth);
-    /// default $BIGROC_INCEPTION.
-    #[arg(long)]
-    inception: Option<PathBuf>,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    network: super::InceptionArgs,
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let start = Instant::now();
-    let net = LazyInception::new(a.inception.clone(), bigroc::device::parse_device(&a.device)?);
+    let net = a.network.network()?;
     let needs = Needs {
         features: a
             .metrics
@@ -60,13 +53,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let needs = Needs {
             features: needs.features || (what == "samples" && a.metrics.contains(&Metric::Is)),
         };
-        let mut bar = super::Progress::new(what);
+        let mut bar = bigroc::progress::ImageProgress::new(what);
         let side = load_side(
             path,
             subset.unwrap_or_default(),
             needs,
             &net,
-            a.batch_size.max(1),
+            a.network.batch(),
             &mut |done, total| {
                 bar.update(done, total);
             },
@@ -92,7 +85,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     report.seconds = start.elapsed().as_secs_f64();
     print_table(&report);
     if let Some(path) = &a.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+        let text = serde_json::to_string_pretty(&report)? + "\n";
+        bigroc::output::atomic_write(path, |tmp| Ok(std::fs::write(tmp, &text)?))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -70,37 +70,27 @@ pub(crate) fn parse_size(s: &str) -> Result<(usize, usize), String> {
 }
 
 
-/// Progress of a feature extraction: the shared image bar (images/s) on a terminal, else (CI,
-/// logs, nohup) a log line every 10% with the rate.
-pub(crate) struct Progress {
-    bar: indicatif::ProgressBar,
-    what: String,
-    start: std::time::Instant,
-    next_log: usize,
+/// The Inception network flags `stats` and `eval` share.
+#[derive(Debug, clap::Args)]
+pub(crate) struct InceptionArgs {
+    /// Inception weights (TorchScript inception-2015-12-05.pt or pytorch-fid's .pth);
+    /// default $BIGROC_INCEPTION.
+    #[arg(long)]
+    pub inception: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
-impl Progress {
-    pub(crate) fn new(what: &str) -> Self {
-        Progress {
-            bar: bigroc::progress::images(0, 0, what),
-            what: what.to_string(),
-            start: std::time::Instant::now(),
-            next_log: 0,
-        }
+impl InceptionArgs {
+    /// The network, loaded on first use (a stats file needs none).
+    pub(crate) fn network(&self) -> Result<bigroc::eval::pipeline::LazyInception> {
+        Ok(bigroc::eval::pipeline::LazyInception::new(self.inception.clone(), bigroc::device::parse_device(&self.device)?))
     }
 
-    pub(crate) fn update(&mut self, done: usize, total: usize) {
-        self.bar.set_length(total as u64);
-        self.bar.set_position(done as u64);
-        if self.bar.is_hidden() && (done >= self.next_log || done == total) {
-            let secs = self.start.elapsed().as_secs_f64();
-            tracing::info!("{}: {done}/{total} images, {:.2} img/s", self.what, done as f64 / secs.max(1e-9));
-            self.next_log = done + total.div_ceil(10).max(1);
-        }
-    }
-
-    pub(crate) fn finish(self) {
-        self.bar.finish_and_clear();
+    pub(crate) fn batch(&self) -> usize {
+        self.batch_size.max(1)
     }
 }
-

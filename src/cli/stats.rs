@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use bigroc::eval::pipeline::{load_side, LazyInception, Needs};
+use bigroc::eval::pipeline::{load_side, Needs};
 use bigroc::eval::stats_file::write_stats;
 use bigroc::eval::Selection;
 use clap::Args;
@@ -20,27 +20,20 @@ pub struct StatsArgs {
     /// Only these images of the input, as START:END[:STEP] (e.g. 0:5000, 1::2).
     #[arg(long)]
     subset: Option<Selection>,
-    /// Inception weights (TorchScript inception-2015-12-05.pt or pytorch-fid's .pth);
-    /// default $BIGROC_INCEPTION.
-    #[arg(long)]
-    inception: Option<PathBuf>,
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[command(flatten)]
+    network: super::InceptionArgs,
 }
 
 pub fn run(a: StatsArgs) -> Result<()> {
     let start = Instant::now();
-    let net = LazyInception::new(a.inception.clone(), bigroc::device::parse_device(&a.device)?);
-    let mut bar = super::Progress::new("features");
+    let net = a.network.network()?;
+    let mut bar = bigroc::progress::ImageProgress::new("features");
     let side = load_side(
         &a.input,
         a.subset.unwrap_or_default(),
         Needs { features: true },
         &net,
-        a.batch_size.max(1),
+        a.network.batch(),
         &mut |done, total| {
             bar.update(done, total);
         },
