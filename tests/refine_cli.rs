@@ -2,9 +2,10 @@
 //! resuming, sharding, and one-line errors for bad input.
 
 mod common;
+use common::{fails, ok};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use bigroc::classifier::{Classifier, ClassifierInfo, ThreatModel};
 use bigroc::data::npz;
@@ -13,29 +14,6 @@ use candle_core::{DType, Device, Tensor};
 use common::{fixture_path, load_fixture, rel_err};
 
 const CIFAR10: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
-
-fn bigroc(args: &[&str]) -> Output {
-    // RUST_BACKTRACE would append candle's backtraces to the one-line errors checked here.
-    Command::new(env!("CARGO_BIN_EXE_bigroc")).args(args).env("BIGROC_LOG", "warn").env("RUST_BACKTRACE", "0").output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bigroc(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bigroc {args:?} failed: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail; returns its error line, checked to be a single line.
-fn fails(args: &[&str]) -> String {
-    let out = bigroc(args);
-    assert!(!out.status.success(), "bigroc {args:?} should have failed");
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let line = stderr.lines().last().unwrap_or_default().to_string();
-    assert!(line.starts_with("error: "), "{stderr}");
-    assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{stderr}");
-    line
-}
 
 /// The cifar18 fixture's network as a weights file, with CIFAR-10 class names.
 fn classifier_file(dir: &Path, poison: bool) -> PathBuf {

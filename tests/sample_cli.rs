@@ -4,10 +4,13 @@
 //! given x_T that reproduces guided-diffusion's trajectory, reproducible seeds independent of the
 //! batch size, resuming, shards, folders, grids, trajectories and one-line errors.
 
+mod common;
+use common::{bigroc, fails, ok};
+
 mod adm_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use adm_support::{fixture_path, Fixture};
 use bigroc::adm::{DiffusionModel, TimeClassifier, UNetFileConfig};
@@ -15,33 +18,6 @@ use bigroc::data::npz;
 use bigroc::weights::Checkpoint;
 use bigroc_models::adm::{EncoderUNetConfig, UNetConfig};
 use candle_core::{DType, Device, Tensor};
-
-fn bigroc(args: &[&str]) -> Output {
-    // RUST_BACKTRACE=1 in the caller's environment would append candle's backtraces to errors
-    Command::new(env!("CARGO_BIN_EXE_bigroc"))
-        .args(args)
-        .env("BIGROC_LOG", "warn")
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bigroc(args);
-    assert!(out.status.success(), "bigroc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command that must fail; returns its one error line.
-fn fails(args: &[&str]) -> String {
-    let out = bigroc(args);
-    assert!(!out.status.success(), "bigroc {args:?} should have failed");
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    let line = stderr.lines().last().unwrap_or_default().to_string();
-    assert!(line.starts_with("error: "), "{stderr}");
-    assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{stderr}");
-    line
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -9,10 +9,12 @@
 //!   checkpoint ends bit for bit where an uninterrupted one does;
 //! - end to end through the binary: the trained file is what `sample --classifier` reads.
 
+mod common;
+use common::ok;
+
 mod adm_support;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use adm_support::{check, fixture_path, rel_err, Fixture};
 use bigroc::adm::TimeClassifier;
@@ -387,16 +389,6 @@ fn saved_file_loads_as_a_time_classifier() {
 
 // ---------------------------------------------------------------------------------------------
 // end to end through the binary
-
-fn bigroc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bigroc")).args(args).env("BIGROC_LOG", "warn").env("RUST_BACKTRACE", "0").output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bigroc(args);
-    assert!(out.status.success(), "bigroc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn cli_trains_a_classifier_that_sample_uses() {

@@ -2,18 +2,10 @@
 //! ImageFolder in, a classifier file out that `accuracy` and `refine` read; a rerun is refused
 //! unless it resumes.
 
+mod common;
+use common::{bigroc, ok};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn bigroc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_bigroc")).args(args).env("BIGROC_LOG", "warn").env("RUST_BACKTRACE", "0").output().unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = bigroc(args);
-    assert!(out.status.success(), "bigroc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// 24 PNGs in two class folders; class `dark` is darker.
 fn image_folder(root: &Path) {

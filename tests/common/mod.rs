@@ -46,3 +46,32 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let scale = b.abs().unwrap().max_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_scalar::<f32>().unwrap();
     diff / scale.max(1e-12)
 }
+
+/// Runs the `bigroc` binary of this build (logs at warn; RUST_BACKTRACE off, which would append
+/// backtraces to the one-line errors the tests check).
+pub fn bigroc(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bigroc"))
+        .args(args)
+        .env("BIGROC_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = bigroc(args);
+    assert!(out.status.success(), "bigroc {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns its error line, checked to be the only one.
+pub fn fails(args: &[&str]) -> String {
+    let out = bigroc(args);
+    assert!(!out.status.success(), "bigroc {args:?} should have failed");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let line = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(line.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{stderr}");
+    line
+}
