@@ -3,7 +3,7 @@
 Writes random-weight ResNet-50s as bigroc weights files into OUT (so both sides run the very same
 network) and prints one JSON line per workload with the reference's throughput:
 
-    python xtask/reference/bench_refine.py --out target/bench [--threads 2] [--reps 3]
+    python xtask/reference/bench_refine.py --out target/bench [--threads 2] [--reps 3] [--device cuda]
 
 Workloads (issue: performance): 7 targeted L2 steps, use_best, on
   cifar50:     the robustness library's CIFAR ResNet-50, 32x32, batch 32;
@@ -54,7 +54,14 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--only", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize)")
     a = p.parse_args()
+    dev = torch.device(a.device)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     os.makedirs(a.out, exist_ok=True)
@@ -65,8 +72,9 @@ def main():
         weights = {k: v.contiguous() for k, v in am.model.state_dict().items() if "num_batches_tracked" not in k}
         meta = {"format": "bigroc/1", "kind": "resnet", "config": json.dumps(config), "info": json.dumps({})}
         save_file(weights, os.path.join(a.out, f"{name}.safetensors"), metadata=meta)
-        x = torch.rand(w["batch"], 3, w["size"], w["size"])
-        target = torch.randint(0, w["classes"], (w["batch"],))
+        am = am.to(dev)
+        x = torch.rand(w["batch"], 3, w["size"], w["size"]).to(dev)
+        target = torch.randint(0, w["classes"], (w["batch"],)).to(dev)
         eps = 0.5
 
         def run():
@@ -76,12 +84,14 @@ def main():
         run()  # warm-up
         times = []
         for _ in range(a.reps):
+            sync()
             t0 = time.perf_counter()
             run()
+            sync()
             times.append(time.perf_counter() - t0)
         best = sorted(times)[len(times) // 2]
         print(json.dumps({"workload": f"refine-{name}", "batch": w["batch"], "size": w["size"],
-                          "seconds": best, "img_per_s": w["batch"] / best, "threads": a.threads,
+                          "seconds": best, "img_per_s": w["batch"] / best, "threads": a.threads, "device": a.device,
                           "torch": torch.__version__}), flush=True)
 
 
