@@ -75,6 +75,10 @@ fn training_losses_and_gradients_match_guided_diffusion() {
     check("mse", &terms.mse, &fx.get("mse").unwrap(), TOL).unwrap();
     check("vb", terms.vb.as_ref().unwrap(), &fx.get("vb").unwrap(), TOL).unwrap();
     check("loss", &terms.loss, &fx.get("loss").unwrap(), TOL).unwrap();
+    // Loss type MSE (no rescaling) at 500 steps: the same VB twice as large.
+    let plain = batch_losses(&net, &cfg.diffusion().unwrap(), false, &x0, &t, &noise, Some(&y)).unwrap();
+    let halved = (plain.vb.as_ref().unwrap() * 0.5).unwrap();
+    check("vb without rescale_learned_sigmas, halved", &halved, &fx.get("vb").unwrap(), TOL).unwrap();
     let loss = terms.loss.mean_all().unwrap();
     check("batch-mean loss", &loss.reshape(1).unwrap(), &fx.get("loss_mean").unwrap(), TOL).unwrap();
     let grads = loss.backward().unwrap();
@@ -109,6 +113,25 @@ fn training_losses_and_gradients_match_guided_diffusion() {
          {strict_ok} within {TOL:.0e} per tensor (max {strict_worst:.3e}), the rest listed above",
         params.len()
     );
+}
+
+/// A fixed-variance (3-channel) unconditional UNet trains on the MSE alone.
+#[test]
+fn fixed_sigma_loss_is_the_mse() {
+    let mut model = tiny_unet();
+    model.out_channels = 3;
+    model.num_classes = None;
+    let cfg = DiffusionTraining { model, ..tiny_config() };
+    assert!(!cfg.learn_sigma() && !cfg.diffusion_config().learn_sigma);
+    let net = TrainableUNet::new(&cfg.model, 2, &Device::Cpu).unwrap();
+    let x0 = Tensor::rand(-1f32, 1.0, (3, 3, 8, 8), &Device::Cpu).unwrap();
+    let noise = Tensor::randn(0f32, 1.0, (3, 3, 8, 8), &Device::Cpu).unwrap();
+    let terms = batch_losses(&net, &cfg.diffusion().unwrap(), true, &x0, &[0, 10, 999], &noise, None).unwrap();
+    assert!(terms.vb.is_none());
+    assert_eq!(terms.loss.to_vec1::<f32>().unwrap(), terms.mse.to_vec1::<f32>().unwrap());
+    // The output convolution starts at zero, so the first prediction is 0 and the MSE is E[noise^2].
+    let want = noise.sqr().unwrap().flatten_from(1).unwrap().mean(1).unwrap();
+    assert_eq!(terms.mse.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
 }
 
 #[test]
