@@ -1,5 +1,6 @@
-//! `bigroc train classifier` and `bigroc train timed-classifier`: flags in,
-//! [`bigroc::train::classifier`] / [`bigroc::train::timed_classifier`] out.
+//! `bigroc train classifier`, `bigroc train timed-classifier` and `bigroc train diffusion`: flags
+//! in, [`bigroc::train::classifier`] / [`bigroc::train::timed_classifier`] /
+//! [`bigroc::train::diffusion`] out.
 
 use std::path::PathBuf;
 
@@ -29,6 +30,10 @@ pub enum TrainCommand {
     /// (guided-diffusion's classifier_train.py) or robust (--adversarial: the robust-guidance
     /// paper's early-stopping PGD on x_t).
     TimedClassifier(TimedClassifierArgs),
+    /// Train an ADM diffusion UNet (class-conditional, learned sigma by default) with
+    /// improved-diffusion's hybrid loss and an EMA of the weights; writes the EMA weights for
+    /// `sample --model`.
+    Diffusion(DiffusionArgs),
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +117,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     match args.what {
         TrainCommand::Classifier(a) => classifier(a),
         TrainCommand::TimedClassifier(a) => timed_classifier(a),
+        TrainCommand::Diffusion(a) => diffusion(a),
     }
 }
 
@@ -355,5 +361,184 @@ fn timed_classifier(a: TimedClassifierArgs) -> Result<()> {
     tc::save_time_classifier(&a.output, &cfg, &net, &train.classes, Some(a.dataset_name), provenance, a.half)?;
     println!("wrote {} ({} iterations, {:.0} s{})", a.output.display(), report.steps, report.seconds,
         report.test_accuracy.map(|t| format!(", noisy test accuracy {:.2}%", 100.0 * t)).unwrap_or_default());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DiffusionArgs {
+    /// Training images: an ImageFolder directory or .tar, or CIFAR-10 binary/python batches.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The trained UNet's EMA weights (self-describing `adm-unet` safetensors for `sample --model`).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Checkpoints and metrics.jsonl (default: OUTPUT with `.train` appended).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Continue the run whose checkpoint is in the work directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Training iterations (batches).
+    #[arg(long, default_value_t = 500_000)]
+    pub iterations: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// AdamW learning rate (guided-diffusion's 1e-4).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// constant (guided-diffusion's default), cosine, linear (--lr_anneal_steps) or step:EPOCHS:GAMMA.
+    #[arg(long, default_value = "constant", value_parser = LrSchedule::parse)]
+    pub schedule: LrSchedule,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Rate of the exponential moving average of the weights that is written out.
+    #[arg(long, default_value_t = 0.9999)]
+    pub ema_rate: f64,
+    #[arg(long, default_value_t = 1000)]
+    pub diffusion_steps: usize,
+    /// linear or cosine.
+    #[arg(long, default_value = "linear")]
+    pub noise_schedule: bigroc::diffusion::NoiseSchedule,
+    /// Feed the network t * 1000 / steps (improved-diffusion's --rescale_timesteps).
+    #[arg(long)]
+    pub rescale_timesteps: bool,
+    /// Plain MSE + VB instead of RESCALED_MSE (VB times steps / 1000; identical at 1000 steps).
+    #[arg(long)]
+    pub no_rescale_learned_sigmas: bool,
+    /// Fixed variance (3 output channels, MSE only) instead of the learned sigma.
+    #[arg(long)]
+    pub fixed_sigma: bool,
+    /// Train without class labels (an unconditional UNet).
+    #[arg(long)]
+    pub unconditional: bool,
+    /// Base channels (--num_channels); the other shape defaults make the small CIFAR-10 UNet.
+    #[arg(long, default_value_t = 64)]
+    pub num_channels: usize,
+    #[arg(long, default_value_t = 2)]
+    pub num_res_blocks: usize,
+    #[arg(long, default_value = "1,2,2")]
+    pub channel_mult: String,
+    /// Resolutions with self-attention, comma-separated.
+    #[arg(long, default_value = "16")]
+    pub attention_resolutions: String,
+    #[arg(long, default_value_t = 64)]
+    pub num_head_channels: i64,
+    #[arg(long, default_value_t = 4)]
+    pub num_heads: usize,
+    /// Use ResBlocks for up/downsampling instead of convolutions.
+    #[arg(long)]
+    pub resblock_updown: bool,
+    /// No random horizontal flips (guided-diffusion's --random_flip False).
+    #[arg(long)]
+    pub no_flip: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// On CUDA, let f32 matrix products use TF32 tensor cores (faster, ~1e-3 relative rounding).
+    #[arg(long)]
+    pub tf32: bool,
+    /// Save a checkpoint (weights, EMA, optimizer state) every this many iterations.
+    #[arg(long, default_value_t = 10_000)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value_t = 100)]
+    pub log_every: usize,
+    /// Stop (with a checkpoint) after this many iterations in total; --resume continues.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Store the final weights as f16 (half the size; computation stays f32).
+    #[arg(long)]
+    pub half: bool,
+    /// Dataset name recorded in the weights file.
+    #[arg(long, default_value = "cifar10")]
+    pub dataset_name: String,
+}
+
+fn diffusion(a: DiffusionArgs) -> Result<()> {
+    use bigroc::train::diffusion as td;
+    let device = bigroc::device::parse_device(&a.device)?;
+    bigroc::device::allow_tf32(a.tf32);
+    let train = ImageSet::open(&a.data)?;
+    if train.height != train.width {
+        bail!("{}: the UNet takes square images, these are {}x{}", a.data.display(), train.width, train.height)
+    }
+    let flags = bigroc::adm::ModelFlags {
+        image_size: train.height,
+        num_channels: a.num_channels,
+        num_res_blocks: a.num_res_blocks,
+        num_heads: a.num_heads,
+        num_heads_upsample: -1,
+        num_head_channels: a.num_head_channels,
+        attention_resolutions: a.attention_resolutions.clone(),
+        channel_mult: a.channel_mult.clone(),
+        dropout: 0.0,
+        class_cond: !a.unconditional,
+        use_scale_shift_norm: true,
+        resblock_updown: a.resblock_updown,
+        use_new_attention_order: false,
+        learn_sigma: !a.fixed_sigma,
+        num_classes: train.classes.len(),
+    };
+    let model = bigroc::adm::create_model(&flags)?;
+    let cfg = td::DiffusionTraining {
+        model,
+        diffusion_steps: a.diffusion_steps,
+        noise_schedule: a.noise_schedule,
+        rescale_timesteps: a.rescale_timesteps,
+        rescale_learned_sigmas: !a.no_rescale_learned_sigmas,
+        iterations: a.iterations,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        schedule: a.schedule,
+        optimizer: OptimizerConfig::adamw(a.weight_decay),
+        ema_rate: a.ema_rate,
+        flip: !a.no_flip,
+        seed: a.seed,
+    };
+    let work_dir = a.work_dir.clone().unwrap_or_else(|| {
+        let mut p = a.output.clone().into_os_string();
+        p.push(".train");
+        p.into()
+    });
+    let work = WorkDir::open(&work_dir, td::CHECKPOINT_KIND, a.resume)?;
+    let net = td::TrainableUNet::new(&cfg.model, cfg.seed, &device)?;
+    let mut ema = td::Ema::new(cfg.ema_rate, &net.parameters())?;
+    tracing::info!(
+        "training a {0}x{0} {1} diffusion UNet ({2} parameters{3}) on {4} images, {5} iterations of {6}",
+        train.height,
+        if cfg.model.num_classes.is_some() { "class-conditional" } else { "unconditional" },
+        net.parameter_count(),
+        if cfg.learn_sigma() { ", learned sigma, hybrid loss" } else { ", fixed sigma, MSE" },
+        train.len(),
+        cfg.iterations,
+        cfg.batch_size
+    );
+    let report = td::train_diffusion(&cfg, &train, &net, &mut ema, &RunOptions {
+        device: device.clone(),
+        work_dir: &work,
+        resume: a.resume,
+        checkpoint_every: a.checkpoint_every,
+        log_every: a.log_every,
+        test: None,
+        stop_after: a.stop_after,
+        progress: true,
+    })?;
+    if !report.finished {
+        eprintln!("stopped after {} iterations ({:.0} s); checkpoint in {}: rerun with --resume to continue", report.steps, report.seconds, work.dir.display());
+        return Ok(());
+    }
+    let provenance = format!(
+        "bigroc {} train diffusion on {}, {} iterations, EMA rate {}, {:.0} s this session on {:?}",
+        env!("CARGO_PKG_VERSION"),
+        a.data.display(),
+        cfg.iterations,
+        cfg.ema_rate,
+        report.seconds,
+        device.location()
+    );
+    td::save_unet(&a.output, &cfg, &ema, &train.classes, Some(a.dataset_name), provenance, a.half)?;
+    println!("wrote {} (EMA weights; {} iterations, {:.0} s, last loss {:.4})", a.output.display(), report.steps, report.seconds, report.last_loss.unwrap_or(f64::NAN));
     Ok(())
 }

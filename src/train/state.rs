@@ -54,7 +54,20 @@ impl WorkDir {
 
     /// Saves every variable, the optimizer's buffers, `config` and `position`.
     pub fn save(&self, config: &impl Serialize, position: Position, vars: &VarMap, opt: &Optimizer) -> Result<()> {
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        self.save_with_extra(config, position, vars, opt, &HashMap::new())
+    }
+
+    /// [`WorkDir::save`] plus `extra` tensors under their own names (which must not start with
+    /// `model.` or `opt.`), e.g. an EMA of the weights.
+    pub fn save_with_extra(
+        &self,
+        config: &impl Serialize,
+        position: Position,
+        vars: &VarMap,
+        opt: &Optimizer,
+        extra: &HashMap<String, Tensor>,
+    ) -> Result<()> {
+        let mut tensors: HashMap<String, Tensor> = extra.clone();
         for (name, var) in vars.data().lock().expect("var map lock").iter() {
             tensors.insert(format!("model.{name}"), var.as_tensor().clone());
         }
@@ -72,6 +85,18 @@ impl WorkDir {
     /// Restores a checkpoint into `vars` and `opt` after checking it was made with `config`;
     /// returns its position. Every variable must be present with its shape.
     pub fn restore<C: Serialize>(&self, config: &C, vars: &VarMap, opt: &mut Optimizer, device: &Device) -> Result<Position> {
+        Ok(self.restore_with_extra(config, vars, opt, device)?.0)
+    }
+
+    /// [`WorkDir::restore`], also returning the checkpoint's other tensors (those saved as
+    /// `extra` by [`WorkDir::save_with_extra`]).
+    pub fn restore_with_extra<C: Serialize>(
+        &self,
+        config: &C,
+        vars: &VarMap,
+        opt: &mut Optimizer,
+        device: &Device,
+    ) -> Result<(Position, HashMap<String, Tensor>)> {
         let path = self.checkpoint_path();
         let ck = Checkpoint::load(path.to_str().context("non-UTF-8 work directory")?, device)?;
         ck.expect_kind(&self.kind)?;
@@ -101,7 +126,12 @@ impl WorkDir {
             .collect();
         opt.load_state(&opt_state, position.step)
             .with_context(|| format!("{}: optimizer state", path.display()))?;
-        Ok(position)
+        let extra = ck
+            .tensors
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("model.") && !k.starts_with("opt."))
+            .collect();
+        Ok((position, extra))
     }
 
     /// The metrics log, truncated to the records at or before `keep_until_step` (a resumed run
