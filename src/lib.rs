@@ -13,8 +13,9 @@
 //! - [`eval`]: FID, precision/recall and Inception Score on the FID Inception-v3, with the numbers
 //!   of pytorch-fid / torch-fidelity / OpenAI's evaluator.
 //!
-//! - [`train`], [`accuracy`]: training robust classifiers (robustness' adversarial training) and
-//!   measuring clean and adversarial accuracy.
+//! - [`train`], [`accuracy`]: training this project's models (robust ResNets as robustness trains
+//!   them, time-dependent ADM classifiers with the robust-guidance paper's attack, ADM diffusion
+//!   UNets with the hybrid loss) and clean/adversarial accuracy.
 //!
 //! The native architectures live in the `bigroc-models` crate.
 

@@ -1,5 +1,5 @@
 //! Training this project's own models: robust CIFAR classifiers (robustness' adversarial training)
-//! and time-dependent ADM classifiers (vanilla or robust), with seeded data order, resumable
+//! time-dependent ADM classifiers (vanilla or robust) and ADM diffusion models, with seeded data order, resumable
 //! checkpoints and a metrics log.
 //!
 //! - [`batches`]: labelled images in memory, shuffles and augmentation.
