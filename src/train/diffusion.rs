@@ -119,34 +119,9 @@ pub fn cifar10_unet(num_classes: Option<usize>) -> UNetConfig {
 /// wraps in `zero_module` (each ResBlock's last convolution, each attention block's `proj_out`,
 /// the final convolution `out.2`).
 pub fn adm_unet_init(vars: &VarMap, seed: u64) -> Result<()> {
-    let data = vars.data().lock().expect("var map lock");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let (layer, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
-        let zeroed = layer.ends_with("out_layers.3") || layer.ends_with("proj_out") || layer == "out.2";
-        let weight_dims = data.get(&format!("{layer}.weight")).map(|w| w.dims().to_vec());
-        let values: Vec<f32> = match (leaf, dims.len()) {
-            _ if zeroed => vec![0.0; n],
-            ("weight", 2) if layer == "label_emb" => (0..n).map(|_| rng.sample::<f32, _>(StandardNormal)).collect(),
-            // GroupNorm affine (a 1-D weight).
-            ("weight", 1) => vec![1.0; n],
-            ("bias", 1) if weight_dims.as_ref().is_some_and(|w| w.len() == 1) => vec![0.0; n],
-            ("weight", _) | ("bias", 1) => {
-                let w = if leaf == "weight" { dims.clone() } else { weight_dims.clone().with_context(|| format!("no weight for bias `{name}`"))? };
-                let bound = 1.0 / (w[1..].iter().product::<usize>() as f64).sqrt();
-                (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
-            }
-            _ => bail!("no initialization rule for parameter `{name}` of shape {dims:?}"),
-        };
-        let t = Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?.to_dtype(var.dtype())?.to_device(var.device())?;
-        var.set(&t).with_context(|| format!("initializing `{name}`"))?;
-    }
-    Ok(())
+    crate::train::init::adm_init(vars, seed, &|layer| {
+        layer.ends_with("out_layers.3") || layer.ends_with("proj_out") || layer == "out.2"
+    })
 }
 
 /// An exponential moving average of named weights (guided-diffusion's `update_ema`:

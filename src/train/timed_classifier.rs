@@ -96,40 +96,11 @@ pub fn default_channel_mult(image_size: usize) -> String {
 /// ResBlock's last convolution, each attention block's `proj_out`, the adaptive pool's
 /// convolution), and the attention pool's positional embedding ~ N(0, 1) / sqrt(channels).
 pub fn adm_classifier_init(vars: &VarMap, config: &EncoderUNetConfig, seed: u64) -> Result<()> {
-    let data = vars.data().lock().expect("var map lock");
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let n: usize = dims.iter().product();
-        let (layer, leaf) = name.rsplit_once('.').unwrap_or(("", name.as_str()));
-        let zeroed = layer.ends_with("out_layers.3")
+    crate::train::init::adm_init(vars, seed, &|layer| {
+        layer.ends_with("out_layers.3")
             || layer.ends_with("proj_out")
-            || (config.pool == Pool::Adaptive && layer == "out.3");
-        let weight_dims = data.get(&format!("{layer}.weight")).map(|w| w.dims().to_vec());
-        let values: Vec<f32> = match (leaf, dims.len()) {
-            _ if zeroed => vec![0.0; n],
-            ("positional_embedding", 2) => {
-                let scale = 1.0 / (dims[0] as f64).sqrt();
-                (0..n).map(|_| (rng.sample::<f64, _>(StandardNormal) * scale) as f32).collect()
-            }
-            // GroupNorm affine (a 1-D weight).
-            ("weight", 1) => vec![1.0; n],
-            ("bias", 1) if weight_dims.as_ref().is_some_and(|w| w.len() == 1) => vec![0.0; n],
-            // Convolutions and linear layers: weight and bias from the weight's fan-in.
-            ("weight", _) | ("bias", 1) => {
-                let w = if leaf == "weight" { dims.clone() } else { weight_dims.clone().with_context(|| format!("no weight for bias `{name}`"))? };
-                let bound = 1.0 / (w[1..].iter().product::<usize>() as f64).sqrt();
-                (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect()
-            }
-            _ => bail!("no initialization rule for parameter `{name}` of shape {dims:?}"),
-        };
-        let t = Tensor::from_vec(values, dims.as_slice(), &Device::Cpu)?.to_dtype(var.dtype())?.to_device(var.device())?;
-        var.set(&t).with_context(|| format!("initializing `{name}`"))?;
-    }
-    Ok(())
+            || (config.pool == Pool::Adaptive && layer == "out.3")
+    })
 }
 
 /// A classifier being trained: its variables, the network built on them, and a frozen view of the
