@@ -37,3 +37,6 @@ pub mod refine;
 pub mod shard;
 pub mod train;
 pub mod weights;
+
+#[cfg(feature = "mimalloc")]
+mod alloc;
