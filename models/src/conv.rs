@@ -264,7 +264,7 @@ pub fn conv2d_input_grad(
 }
 
 /// Whether the im2col/col2im kernels of this module handle `t`'s device and dtype.
-fn uses_im2col(t: &Tensor) -> bool {
+pub(crate) fn uses_im2col(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
@@ -398,17 +398,22 @@ pub fn conv2d_input_grad_conv(
 
 /// Shapes of one convolution (batch, channels, both spatial axes), checked against each other.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    b: usize,
-    c_in: usize,
-    c_out: usize,
-    rows: AxisGeometry,
-    cols: AxisGeometry,
+pub(crate) struct Geometry {
+    pub(crate) b: usize,
+    pub(crate) c_in: usize,
+    pub(crate) c_out: usize,
+    pub(crate) rows: AxisGeometry,
+    pub(crate) cols: AxisGeometry,
 }
 
 impl Geometry {
     /// The convolution of `x` (`[b, c_in, h, w]`) by `weight`.
-    fn of_forward(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+    pub(crate) fn of_forward(
+        x: &Tensor,
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let (b, c_in, h, w) = x.dims4()?;
         let (c_out, c_in_k, kh, kw) = weight.dims4()?;
         if c_in != c_in_k {
@@ -483,12 +488,12 @@ impl Geometry {
     }
 
     /// Entries of one window: `c_in * kh * kw`.
-    fn taps(&self) -> usize {
+    pub(crate) fn taps(&self) -> usize {
         self.c_in * self.rows.k * self.cols.k
     }
 
     /// 1x1 kernel, stride 1, no padding: windows are the input positions themselves.
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         [self.rows, self.cols]
             .iter()
             .all(|a| a.k == 1 && a.stride == 1 && a.padding == 0)
@@ -525,12 +530,12 @@ impl Geometry {
 
 /// One spatial axis of the convolution: input length `n`, kernel `k`, output length `out`.
 #[derive(Debug, Clone, Copy)]
-struct AxisGeometry {
-    n: usize,
-    k: usize,
-    out: usize,
-    stride: usize,
-    padding: usize,
+pub(crate) struct AxisGeometry {
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) out: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
 impl AxisGeometry {
@@ -717,7 +722,7 @@ impl CustomOp2 for TrainableConv2d {
 
 /// How [`Im2Col`] lays out the windows of a batch of `n` samples.
 #[derive(Debug, Clone, Copy)]
-enum WindowOrder {
+pub(crate) enum WindowOrder {
     /// `[n, c_in * kh * kw, oh * ow]`: one matrix per sample (the forward's gemm per sample).
     SampleMajor,
     /// `[c_in * kh * kw, n * oh * ow]`: the whole batch along the columns (the kernel gradient's gemm).
@@ -727,13 +732,13 @@ enum WindowOrder {
 /// Gathers every output position's window, `[n, c_in, h, w]` -> `[n, c_in * kh * kw, oh * ow]` or
 /// `[c_in * kh * kw, n * oh * ow]` (row-major over `c_in, kh, kw`; zeros for padding). CPU only; no
 /// backward.
-struct Im2Col {
-    geometry: Geometry,
-    order: WindowOrder,
+pub(crate) struct Im2Col {
+    pub(crate) geometry: Geometry,
+    pub(crate) order: WindowOrder,
 }
 
 impl Im2Col {
-    fn run<T: Copy + Default + Send + Sync>(&self, input: &[T]) -> Vec<T> {
+    pub(crate) fn run<T: Copy + Default + Send + Sync>(&self, input: &[T]) -> Vec<T> {
         let g = &self.geometry;
         let (plane_in, positions) = (g.rows.n * g.cols.n, g.rows.out * g.cols.out);
         let plane_windows = g.rows.k * g.cols.k * positions;
@@ -812,8 +817,8 @@ impl CustomOp1 for Im2Col {
 /// Adds window contributions `[n, c_in * kh * kw, oh * ow]` (row-major over `c_in, kh, kw`) into the
 /// input positions they belong to, `[n, c_in, h, w]` (dropping those on padding): the adjoint of
 /// [`Im2Col`]. CPU only; no backward.
-struct Col2Im {
-    geometry: Geometry,
+pub(crate) struct Col2Im {
+    pub(crate) geometry: Geometry,
 }
 
 impl Col2Im {
@@ -822,12 +827,24 @@ impl Col2Im {
         T: Copy + Default + std::ops::AddAssign + Send + Sync,
     {
         let g = &self.geometry;
+        let plane_windows = g.rows.k * g.cols.k * g.rows.out * g.cols.out;
+        let mut out = vec![T::default(); windows.len() / plane_windows * g.rows.n * g.cols.n];
+        self.add_into(windows, &mut out);
+        out
+    }
+
+    /// Adds the window contributions `windows` into `out` (`[n, c_in, h, w]`, as many samples as
+    /// `windows` holds).
+    pub(crate) fn add_into<T>(&self, windows: &[T], out: &mut [T])
+    where
+        T: Copy + std::ops::AddAssign + Send + Sync,
+    {
+        let g = &self.geometry;
         let (plane_out, plane_windows) = (
             g.rows.n * g.cols.n,
             g.rows.k * g.cols.k * g.rows.out * g.cols.out,
         );
         let stride = g.cols.stride;
-        let mut out = vec![T::default(); windows.len() / plane_windows * plane_out];
         // One (sample, channel) plane per task: each input plane only receives its own windows.
         out.par_chunks_mut(plane_out)
             .zip(windows.par_chunks(plane_windows))
@@ -845,7 +862,6 @@ impl Col2Im {
                     }
                 })
             });
-        out
     }
 }
 

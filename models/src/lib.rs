@@ -3,6 +3,7 @@
 
 pub mod adm;
 pub mod conv;
+pub mod conv_bn;
 pub mod inception;
 pub mod ops;
 pub mod resnet;

@@ -18,7 +18,8 @@
 //! (see [`ResNet::new`]). `num_batches_tracked` is neither read nor kept (with a fixed momentum
 //! PyTorch does not use it either).
 
-use crate::conv::{conv2d_const_weight, conv2d_trainable};
+use crate::conv::conv2d_trainable;
+use crate::conv_bn::conv2d_bn_eval;
 use candle_core::{bail, DType, Module, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -188,20 +189,21 @@ impl Conv {
         })
     }
 
-    /// Inference ([`conv2d_const_weight`]): the weight is a constant (PGD and guidance differentiate
-    /// w.r.t. the image only), the input gradient comes from im2col/col2im, several times faster than
-    /// candle's conv2d backward on CPU. Training ([`conv2d_trainable`]): the weight gets its gradient too.
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// A clear error for feature maps smaller than the kernel (an input image too small).
+    fn check_fits(&self, x: &Tensor) -> Result<()> {
         let (_, _, h, w) = x.dims4()?;
         let k = self.weight.dim(2)?;
         if h + 2 * self.padding < k || w + 2 * self.padding < k {
             bail!("ResNet: a {h}x{w} feature map is too small for a {k}x{k} convolution (input image too small)")
         }
-        if train {
-            conv2d_trainable(x, &self.weight, self.stride, self.padding)
-        } else {
-            conv2d_const_weight(x, &self.weight, self.stride, self.padding)
-        }
+        Ok(())
+    }
+
+    /// Training ([`conv2d_trainable`]): the input and the weight get gradients, without candle's
+    /// conv2d backward (slow on CPU). Inference goes through [`conv_bn`].
+    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_fits(x)?;
+        conv2d_trainable(x, &self.weight, self.stride, self.padding)
     }
 }
 
@@ -234,25 +236,15 @@ impl BatchNorm {
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.forward_train(x)
-        } else {
-            self.forward_eval(x)
-        }
-    }
-
-    /// Running statistics, folded into a per-channel scale and shift the way PyTorch's CPU kernel
-    /// evaluates it: `x * (weight / sqrt(var + eps)) + (bias - mean * weight / sqrt(var + eps))`; all
-    /// parameters are constants.
-    fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
+    /// Inference mode's per-channel `(scale, shift)` (constants): running statistics folded the way
+    /// PyTorch's CPU kernel evaluates batch norm, `x * (weight / sqrt(var + eps)) + (bias - mean *
+    /// weight / sqrt(var + eps))`.
+    fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
         let mean = self.running_mean.as_detached_tensor();
         let var = self.running_var.as_detached_tensor();
         let scale = (self.weight.detach() * (var + Self::EPS)?.sqrt()?.recip()?)?;
         let shift = (self.bias.detach() - (mean * &scale)?)?;
-        x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&shift.reshape((1, c, 1, 1))?)
+        Ok((scale, shift))
     }
 
     /// Batch statistics over (N, H, W): `(x - mean) / sqrt(var + eps) * weight + bias` with the biased
@@ -270,6 +262,45 @@ impl BatchNorm {
         update(&self.running_var, (var * (count / (count - 1.0)))?)?;
         Ok(y)
     }
+}
+
+/// What follows a convolution and its batch norm inside a block.
+#[derive(Clone, Copy)]
+enum Then<'a> {
+    Nothing,
+    Relu,
+    /// Add the shortcut, then ReLU: the end of a residual block.
+    AddRelu(&'a Tensor),
+}
+
+/// `then(bn(conv(x)))`. In inference mode one fused op ([`conv2d_bn_eval`]): the convolution with
+/// batch norm's per-channel scale and shift, the shortcut and the ReLU applied to its output in place.
+fn conv_bn(conv: &Conv, bn: &BatchNorm, x: &Tensor, train: bool, then: Then) -> Result<Tensor> {
+    if train {
+        let y = bn.forward_train(&conv.forward_train(x)?)?;
+        return match then {
+            Then::Nothing => Ok(y),
+            Then::Relu => y.relu(),
+            Then::AddRelu(shortcut) => (y + shortcut)?.relu(),
+        };
+    }
+    conv.check_fits(x)?;
+    let (scale, shift) = bn.eval_affine()?;
+    let (residual, relu) = match then {
+        Then::Nothing => (None, false),
+        Then::Relu => (None, true),
+        Then::AddRelu(shortcut) => (Some(shortcut), true),
+    };
+    conv2d_bn_eval(
+        x,
+        &conv.weight,
+        &scale,
+        &shift,
+        residual,
+        relu,
+        conv.stride,
+        conv.padding,
+    )
 }
 
 /// Convolution followed by batch norm: the projection shortcut of a block that changes shape.
@@ -302,7 +333,7 @@ impl Shortcut {
 
     fn forward_t(this: &Option<Self>, x: &Tensor, train: bool) -> Result<Tensor> {
         match this {
-            Some(s) => s.bn.forward_t(&s.conv.forward_t(x, train)?, train),
+            Some(s) => conv_bn(&s.conv, &s.bn, x, train, Then::Nothing),
             None => Ok(x.clone()),
         }
     }
@@ -342,14 +373,15 @@ impl BasicBlock {
 
     /// Training (`train`) or inference mode; see the module docs.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self
-            .bn1
-            .forward_t(&self.conv1.forward_t(x, train)?, train)?
-            .relu()?;
-        let out = self
-            .bn2
-            .forward_t(&self.conv2.forward_t(&out, train)?, train)?;
-        (out + Shortcut::forward_t(&self.shortcut, x, train)?)?.relu()
+        let out = conv_bn(&self.conv1, &self.bn1, x, train, Then::Relu)?;
+        let shortcut = Shortcut::forward_t(&self.shortcut, x, train)?;
+        conv_bn(
+            &self.conv2,
+            &self.bn2,
+            &out,
+            train,
+            Then::AddRelu(&shortcut),
+        )
     }
 }
 
@@ -393,18 +425,16 @@ impl Bottleneck {
 
     /// Training (`train`) or inference mode; see the module docs.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let out = self
-            .bn1
-            .forward_t(&self.conv1.forward_t(x, train)?, train)?
-            .relu()?;
-        let out = self
-            .bn2
-            .forward_t(&self.conv2.forward_t(&out, train)?, train)?
-            .relu()?;
-        let out = self
-            .bn3
-            .forward_t(&self.conv3.forward_t(&out, train)?, train)?;
-        (out + Shortcut::forward_t(&self.shortcut, x, train)?)?.relu()
+        let out = conv_bn(&self.conv1, &self.bn1, x, train, Then::Relu)?;
+        let out = conv_bn(&self.conv2, &self.bn2, &out, train, Then::Relu)?;
+        let shortcut = Shortcut::forward_t(&self.shortcut, x, train)?;
+        conv_bn(
+            &self.conv3,
+            &self.bn3,
+            &out,
+            train,
+            Then::AddRelu(&shortcut),
+        )
     }
 }
 
@@ -557,8 +587,13 @@ impl ResNet {
     /// Pre-head features in training (`train`) or inference mode; see the module docs.
     pub fn forward_features_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let x = self.conv1.forward_t(&self.normalize(x)?, train)?;
-        let mut x = self.bn1.forward_t(&x, train)?.relu()?;
+        let mut x = conv_bn(
+            &self.conv1,
+            &self.bn1,
+            &self.normalize(x)?,
+            train,
+            Then::Relu,
+        )?;
         if self.cfg.layout == Layout::Imagenet {
             x = ops::max_pool2d(&x, 3, 2, 1)?;
         }
