@@ -12,7 +12,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::conv::{conv2d_const_weight, conv2d_trainable};
+use crate::conv::conv2d_trainable;
+use crate::conv_bn::conv2d_bn_eval;
 
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
@@ -117,11 +118,11 @@ impl Module for GroupNorm32 {
 }
 
 /// A 2-D convolution with bias (weights (out, in, k, k)), padding `k / 2`, in the builder's
-/// dtype. A constant weight (loaded from a file, or detached) runs through `conv2d_const_weight`:
-/// its backward gives the input gradient only (what classifier guidance and attacks need) without
-/// candle's kernel gradient and slow `conv_transpose2d`. A weight that tracks gradients (a `Var`
-/// of a model being trained) runs through `conv2d_trainable`, whose backward also gives the kernel
-/// gradient.
+/// dtype. A constant weight (loaded from a file, or detached) runs through `conv2d_bn_eval`, the
+/// bias (and a ResBlock's skip) added to the gemm's output in place; its backward gives the input
+/// gradient only (what classifier guidance and attacks need). A weight that tracks gradients (a
+/// `Var` of a model being trained) runs through `conv2d_trainable`, whose backward also gives the
+/// kernel gradient.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -141,14 +142,41 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `conv(x) + bias + residual`: the end of a ResBlock (its skip connection), fused into the
+    /// convolution's output on CPU when the weight is constant.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Some(residual))
+    }
+
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if self.weight.track_op() || self.bias.track_op() {
+            let y = conv2d_trainable(x, &self.weight, self.stride, self.padding)?.broadcast_add(&self.bias)?;
+            return match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            };
+        }
+        // A frozen layer: the bias (and the residual) are added to the convolution's output in place
+        // (`conv2d_bn_eval` with a unit scale).
+        let c_out = self.weight.dim(0)?;
+        let unit_scale = Tensor::ones(c_out, self.bias.dtype(), self.bias.device())?;
+        conv2d_bn_eval(
+            x,
+            &self.weight,
+            &unit_scale,
+            &self.bias.reshape(c_out)?,
+            residual,
+            false,
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.weight.track_op() {
-            conv2d_trainable(x, &self.weight, self.stride, self.padding)?
-        } else {
-            conv2d_const_weight(x, &self.weight, self.stride, self.padding)?
-        };
-        y.broadcast_add(&self.bias)
+        self.forward_with(x, None)
     }
 }
 
@@ -445,12 +473,11 @@ impl ResBlock {
         } else {
             self.out_norm.forward(&h.broadcast_add(&emb_out)?)?
         };
-        let h = self.out_conv.forward(&silu(&h)?)?;
         let skip = match &self.skip {
             Some(conv) => conv.forward(&x)?,
             None => x,
         };
-        skip + h
+        self.out_conv.forward_add(&silu(&h)?, &skip)
     }
 }
 
