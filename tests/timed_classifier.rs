@@ -118,9 +118,11 @@ fn training_step_matches_guided_diffusion() {
          {strict_ok} within {TOL:.0e} per tensor (max {strict_worst:.3e}), the rest listed above",
         params.len()
     );
-    // The frozen view computes the same logits from the same (shared) weights.
+    // The frozen view computes the same logits from the same (shared) weights (to rounding: its
+    // frozen layers run the fused inference ops, the trained model the composed ones).
     let frozen = net.frozen.forward(&x_t, &tf).unwrap();
-    assert_eq!(frozen.to_vec2::<f32>().unwrap(), logits.to_vec2::<f32>().unwrap());
+    let e = rel_err(&frozen, &logits).unwrap();
+    assert!(e < 1e-5, "frozen view vs trained model: {e:.2e}");
 }
 
 #[test]
@@ -170,7 +172,11 @@ fn frozen_view_follows_every_update_without_a_copy() {
     let live = net.model.forward(&x_t, &tf).unwrap().to_vec2::<f32>().unwrap();
     let frozen = net.frozen.forward(&x_t, &tf).unwrap();
     assert_ne!(live, before, "the step changed nothing");
-    assert_eq!(frozen.to_vec2::<f32>().unwrap(), live, "the frozen view missed the update");
+    let live = Tensor::new(live, &candle_core::Device::Cpu).unwrap();
+    let before = Tensor::new(before, &candle_core::Device::Cpu).unwrap();
+    // Equal to rounding (fused inference ops against the composed training ops), far from before.
+    let (to_live, step) = (rel_err(&frozen, &live).unwrap(), rel_err(&before, &live).unwrap());
+    assert!(to_live < 1e-5 && step > 1e-3, "the frozen view missed the update: {to_live:.2e} from the live model, step {step:.2e}");
     // The frozen view tracks no weights: its backward reaches the input only.
     let v = candle_core::Var::from_tensor(&x_t).unwrap();
     let grads = net.frozen.forward(v.as_tensor(), &tf).unwrap().sum_all().unwrap().backward().unwrap();

@@ -4,6 +4,7 @@
 pub mod adm;
 pub mod conv;
 pub mod conv_bn;
+pub mod group_norm;
 pub mod inception;
 pub mod ops;
 pub mod resnet;

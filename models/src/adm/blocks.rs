@@ -14,6 +14,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::conv::conv2d_trainable;
 use crate::conv_bn::conv2d_bn_eval;
+use crate::group_norm::group_norm_affine;
 
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
@@ -96,8 +97,51 @@ impl GroupNorm32 {
     }
 }
 
-impl Module for GroupNorm32 {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl GroupNorm32 {
+    /// `silu(norm(x))`, ADM's `in_layers`/`out` pattern.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_affine(x, None, true)
+    }
+
+    /// `silu(norm(x) * (1 + scale) + shift)`: a ResBlock's scale-shift norm, `scale` and `shift` of
+    /// shape `(N, C)` from the timestep embedding.
+    pub fn forward_scale_shift_silu(&self, x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+        self.forward_affine(x, Some((scale, shift)), true)
+    }
+
+    /// Frozen parameters and embedding go through the fused [`group_norm_affine`] (the scale-shift
+    /// folded into the affine: `w (1 + s)` and `b (1 + s) + t`); anything being trained through the
+    /// composed ops, which give every gradient.
+    fn forward_affine(&self, x: &Tensor, scale_shift: Option<(&Tensor, &Tensor)>, silu_after: bool) -> Result<Tensor> {
+        let trained = self.weight.track_op()
+            || self.bias.track_op()
+            || scale_shift.is_some_and(|(s, t)| s.track_op() || t.track_op());
+        if trained {
+            let h = self.normalize(x)?;
+            let h = match scale_shift {
+                Some((s, t)) => {
+                    let (s, t) = (s.unsqueeze(2)?.unsqueeze(3)?, t.unsqueeze(2)?.unsqueeze(3)?);
+                    h.broadcast_mul(&(s + 1.0)?)?.broadcast_add(&t)?
+                }
+                None => h,
+            };
+            return if silu_after { silu(&h) } else { Ok(h) };
+        }
+        let (n, c) = (x.dim(0)?, x.dim(1)?);
+        let (weight, bias) = (self.weight.broadcast_as((n, c))?, self.bias.broadcast_as((n, c))?);
+        let (scale, shift) = match scale_shift {
+            Some((s, t)) => {
+                let one_plus = (s.to_dtype(DType::F32)? + 1.0)?;
+                ((&weight * &one_plus)?, ((&bias * &one_plus)? + t.to_dtype(DType::F32)?)?)
+            }
+            None => (weight.contiguous()?, bias.contiguous()?),
+        };
+        let dtype = x.dtype();
+        group_norm_affine(&x.to_dtype(DType::F32)?, self.groups, NORM_EPS, &scale, &shift, silu_after)?.to_dtype(dtype)
+    }
+
+    /// The composed ops (differentiable with respect to the parameters too).
+    fn normalize(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (n, c) = (dims[0], dims[1]);
@@ -114,6 +158,12 @@ impl Module for GroupNorm32 {
             .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
             .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)?
             .to_dtype(dtype)
+    }
+}
+
+impl Module for GroupNorm32 {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_affine(x, None, false)
     }
 }
 
@@ -453,7 +503,7 @@ impl ResBlock {
     }
 
     pub fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
-        let h = silu(&self.in_norm.forward(x)?)?;
+        let h = self.in_norm.forward_silu(x)?;
         let h = self.in_conv.forward(&self.resample.apply(&h)?)?;
         let x = self.resample.apply(x)?;
         let emb_out = self
@@ -463,21 +513,17 @@ impl ResBlock {
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = if self.use_scale_shift_norm {
+            let emb_out = emb_out.squeeze(3)?.squeeze(2)?;
             let c = emb_out.dim(1)? / 2;
-            let scale = emb_out.narrow(1, 0, c)?;
-            let shift = emb_out.narrow(1, c, c)?;
-            self.out_norm
-                .forward(&h)?
-                .broadcast_mul(&(scale + 1.0)?)?
-                .broadcast_add(&shift)?
+            self.out_norm.forward_scale_shift_silu(&h, &emb_out.narrow(1, 0, c)?, &emb_out.narrow(1, c, c)?)?
         } else {
-            self.out_norm.forward(&h.broadcast_add(&emb_out)?)?
+            self.out_norm.forward_silu(&h.broadcast_add(&emb_out)?)?
         };
         let skip = match &self.skip {
             Some(conv) => conv.forward(&x)?,
             None => x,
         };
-        self.out_conv.forward_add(&silu(&h)?, &skip)
+        self.out_conv.forward_add(&h, &skip)
     }
 }
 

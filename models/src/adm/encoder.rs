@@ -6,7 +6,7 @@ use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
-    conv2d, Conv2d, linear_f32, qkv_attention, silu, GroupNorm32, HeadOrder, PointwiseConv1d,
+    conv2d, Conv2d, linear_f32, qkv_attention, GroupNorm32, HeadOrder, PointwiseConv1d,
     TimeEmbed, TimestepSequential,
 };
 use super::unet::{yes, DownPath, TorsoSpec};
@@ -222,10 +222,10 @@ impl EncoderUNetModel {
         let h = h.to_dtype(x.dtype())?;
         match &self.head {
             Head::Adaptive { norm, proj } => {
-                let pooled = silu(&norm.forward(&h)?)?.mean_keepdim((2, 3))?;
+                let pooled = norm.forward_silu(&h)?.mean_keepdim((2, 3))?;
                 proj.forward(&pooled)?.flatten_from(1)
             }
-            Head::Attention { norm, pool } => pool.forward(&silu(&norm.forward(&h)?)?),
+            Head::Attention { norm, pool } => pool.forward(&norm.forward_silu(&h)?),
             Head::Spatial { lin1, lin2 } => {
                 means.push(spatial_mean(&h)?);
                 let feats = Tensor::cat(&means, D::Minus1)?;
@@ -234,7 +234,7 @@ impl EncoderUNetModel {
             Head::SpatialV2 { lin1, norm, lin2 } => {
                 means.push(spatial_mean(&h)?);
                 let feats = Tensor::cat(&means, D::Minus1)?;
-                lin2.forward(&silu(&norm.forward(&lin1.forward(&feats)?)?)?)
+                lin2.forward(&norm.forward_silu(&lin1.forward(&feats)?)?)
             }
         }
     }

@@ -5,7 +5,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::blocks::{
-    conv2d, Conv2d, silu, AttentionBlock, Downsample, GroupNorm32, HeadOrder, Layer, ResBlock,
+    conv2d, Conv2d, AttentionBlock, Downsample, GroupNorm32, HeadOrder, Layer, ResBlock,
     ResBlockOpts, Resample, TimeEmbed, TimestepSequential, Upsample,
 };
 
@@ -323,6 +323,6 @@ impl UNetModel {
             h = block.forward(&Tensor::cat(&[&h, &skip], 1)?, &emb)?;
         }
         let h = h.to_dtype(x.dtype())?;
-        self.out_conv.forward(&silu(&self.out_norm.forward(&h)?)?)
+        self.out_conv.forward(&self.out_norm.forward_silu(&h)?)
     }
 }
