@@ -1,7 +1,8 @@
 """Reference side of `cargo xtask bench`: BIGRoC's refine workload in PyTorch (robustness' Attacker).
 
 Writes random-weight ResNet-50s as bigroc weights files into OUT (so both sides run the very same
-network) and prints one JSON line per workload with the reference's throughput:
+network) and prints one JSON line per workload with the reference's median seconds per batch and the
+FLOPs of one batch (protocol and FLOP counting: bench_common.py):
 
     python xtask/reference/bench_refine.py --out target/bench [--threads 2] [--reps 3] [--device cuda]
 
@@ -13,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import refenv  # noqa: E402,F401  (must precede robustness imports)
@@ -24,7 +24,7 @@ from robustness import attacker, datasets  # noqa: E402
 from robustness.cifar_models import resnet as cifar_resnet  # noqa: E402
 from robustness.imagenet_models import resnet as imagenet_resnet  # noqa: E402
 
-torch.Tensor.cuda = lambda self, *a, **k: self  # the Attacker moves its input to CUDA unconditionally
+from bench_common import measure, report, setup  # noqa: E402
 
 WORKLOADS = {
     "cifar50": dict(batch=32, size=32, classes=10),
@@ -56,17 +56,10 @@ def main():
     p.add_argument("--only", default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize)")
     a = p.parse_args()
-    dev = torch.device(a.device)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    dev, sync = setup(a.threads, a.device)
     os.makedirs(a.out, exist_ok=True)
     for name, w in WORKLOADS.items():
-        if a.only and a.only not in name:
+        if a.only and a.only not in f"refine-{name}":
             continue
         am, config = build(name)
         weights = {k: v.contiguous() for k, v in am.model.state_dict().items() if "num_batches_tracked" not in k}
@@ -81,18 +74,9 @@ def main():
             am(x, target, make_adv=True, constraint="2", eps=eps, step_size=1.5 * eps / 7, iterations=7,
                targeted=True, use_best=True, random_start=False)
 
-        run()  # warm-up
-        times = []
-        for _ in range(a.reps):
-            sync()
-            t0 = time.perf_counter()
-            run()
-            sync()
-            times.append(time.perf_counter() - t0)
-        best = sorted(times)[len(times) // 2]
-        print(json.dumps({"workload": f"refine-{name}", "batch": w["batch"], "size": w["size"],
-                          "seconds": best, "img_per_s": w["batch"] / best, "threads": a.threads, "device": a.device,
-                          "torch": torch.__version__}), flush=True)
+        seconds, flops = measure(run, a.reps, sync)
+        report(f"refine-{name}", seconds, flops, a.device, batch=w["batch"], size=w["size"],
+               img_per_s=w["batch"] / seconds)
 
 
 if __name__ == "__main__":

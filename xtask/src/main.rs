@@ -4,8 +4,11 @@
 //! - `fixtures [--full DIR]`: regenerate the committed parity fixtures from the reference packages
 //!   (and, with --full, the full-size random-weight checkpoints that are never committed).
 //! - `static`: build the `bigroc` binary statically linked (glibc, crt-static).
-//! - `bench`: run each workload in bigroc and in the PyTorch reference, print one table of
-//!   throughputs and ratios.
+//! - `bench [--only NAME] [--reps N] [--threads N] [--peak-gflops G]`: run each workload of the
+//!   performance issue (refine with the cifar and the imagenet ResNet-50, one guided sampling step,
+//!   one adversarial training step) in the PyTorch reference and in bigroc back to back, and print
+//!   one markdown table: throughputs, their ratio, the FLOPs per unit of work (counted on the
+//!   reference side) and the GFLOP/s achieved (see `bench.rs`).
 //! - `cuda-build [--toolkit DIR] [--out DIR]`: build `--features cuda` without a GPU (nvcc from
 //!   PATH, $CUDA_HOME, or NVIDIA's pip wheels installed into DIR) and pack it, xz-compressed, with a
 //!   `run-on-gpu.sh` wrapper for a GPU machine without a Rust toolchain.
@@ -16,6 +19,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod cuda;
 
 #[derive(Parser)]
@@ -37,20 +41,25 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
-    /// Time the workloads in bigroc and in the PyTorch reference side by side.
+    /// Time the workloads in bigroc and in the PyTorch reference side by side, with FLOP counts.
     Bench {
-        /// Repetitions per workload (the median is reported).
+        /// Timed repetitions per workload and side, after one warm-up (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Threads for PyTorch (default: all cores, as bigroc uses).
+        /// Threads for both sides (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// Only workloads whose name contains this.
+        /// Only workloads whose name contains this (refine-cifar50, refine-imagenet50, guided-step,
+        /// train-step).
         #[arg(long)]
         only: Option<String>,
-        /// bigroc's device (cpu, cuda).
+        /// Device of both sides (cpu, cuda).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Peak f32 GFLOP/s the achieved rates are compared with [default on cpu: 157, i.e. 2 cores
+        /// x 2.45 GHz x 32 FLOP/cycle with AVX2 FMA].
+        #[arg(long)]
+        peak_gflops: Option<f64>,
     },
     /// Build a statically linked release binary (target/x86_64-unknown-linux-gnu/release/bigroc).
     Static {
@@ -133,7 +142,9 @@ fn main() -> Result<()> {
                 run(&mut cmd)?;
             }
         }
-        Task::Bench { reps, threads, only, device } => bench(&root, reps, threads, only, &device)?,
+        Task::Bench { reps, threads, only, device, peak_gflops } => {
+            bench::bench(&root, bench::Options { reps, threads, only, device, peak_gflops })?
+        }
         Task::Static { features } => {
             let mut cmd = Command::new(env!("CARGO"));
             cmd.args(["build", "--release", "-p", "bigroc", "--target", "x86_64-unknown-linux-gnu"])
@@ -170,63 +181,6 @@ fn exclude_from_git(root: &Path, pattern: &str) -> Result<()> {
         let sep = if current.is_empty() || current.ends_with('\n') { "" } else { "\n" };
         std::fs::write(&exclude, format!("{current}{sep}{pattern}\n"))?;
         eprintln!("added {pattern} to {}", exclude.display());
-    }
-    Ok(())
-}
-
-/// Runs the reference script (which also writes the shared random weights), then bigroc on the same
-/// weights and shapes, and prints one table.
-fn bench(root: &Path, reps: usize, threads: Option<usize>, only: Option<String>, device: &str) -> Result<()> {
-    let out = root.join("target/bench");
-    let python = match python() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("the PyTorch reference is not available ({e}); nothing to compare against");
-            return Ok(());
-        }
-    };
-    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    let mut cmd = Command::new(&python);
-    cmd.arg(root.join("xtask/reference/bench_refine.py"))
-        .arg("--out")
-        .arg(&out)
-        .args(["--threads", &threads.to_string(), "--reps", &reps.to_string()]);
-    if let Some(o) = &only {
-        cmd.args(["--only", o]);
-    }
-    eprintln!("+ {cmd:?}");
-    let reference = cmd.output().context("running the reference benchmark")?;
-    if !reference.status.success() {
-        bail!("reference benchmark failed: {}", String::from_utf8_lossy(&reference.stderr));
-    }
-    let mut rows = Vec::new();
-    let mut torch_version = String::from("?");
-    for line in String::from_utf8_lossy(&reference.stdout).lines() {
-        let r: serde_json::Value = serde_json::from_str(line).with_context(|| format!("bad reference output: {line}"))?;
-        torch_version = r["torch"].as_str().unwrap_or("?").to_string();
-        let name = r["workload"].as_str().unwrap_or_default().trim_start_matches("refine-").to_string();
-        let (batch, size) = (r["batch"].as_u64().unwrap_or(1), r["size"].as_u64().unwrap_or(32));
-        let ours = Command::new(env!("CARGO"))
-            .args(["run", "--quiet", "--release", "-p", "bigroc", "--example", "refine_throughput", "--"])
-            .arg(out.join(format!("{name}.safetensors")))
-            .args([batch.to_string(), size.to_string(), reps.to_string(), device.to_string()])
-            .current_dir(root)
-            .output()
-            .context("running bigroc's side")?;
-        if !ours.status.success() {
-            bail!("bigroc benchmark failed: {}", String::from_utf8_lossy(&ours.stderr));
-        }
-        let o: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&ours.stdout).trim())?;
-        let (theirs_ips, ours_ips) = (r["img_per_s"].as_f64().unwrap_or(0.0), o["img_per_s"].as_f64().unwrap_or(0.0));
-        rows.push(format!(
-            "| refine {name} (batch {batch}, {size}x{size}, 7 L2 steps) | {theirs_ips:.2} | {ours_ips:.2} | {:.2} |",
-            ours_ips / theirs_ips.max(1e-12)
-        ));
-    }
-    println!("| workload | PyTorch {torch_version} img/s ({threads} threads) | bigroc img/s ({device}) | bigroc / PyTorch |");
-    println!("| --- | --- | --- | --- |");
-    for r in rows {
-        println!("{r}");
     }
     Ok(())
 }

@@ -1,0 +1,50 @@
+//! Times one classifier-guided sampling step of the CIFAR-10 ADM configuration (the workload of
+//! `benches/guided_step.rs`): the bigroc side of `cargo xtask bench`. Prints one JSON line.
+//!
+//! cargo run --release --example guided_step_throughput -- BATCH [REPS] [DEVICE] [UNET CLASSIFIER]
+//!
+//! UNET and CLASSIFIER are the random weights `xtask/reference/bench_guided_step.py --out DIR`
+//! writes (DIR/guided_unet.safetensors, DIR/guided_classifier.safetensors), so that both sides run
+//! the same networks; without them the weights are drawn here. One warm-up step, then the median
+//! of REPS (default 3).
+
+#[path = "../benches/support/guided_step.rs"]
+mod guided_step;
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: guided_step_throughput BATCH [REPS] [DEVICE] [UNET CLASSIFIER]";
+    let batch: usize = args.get(1).context(usage)?.parse()?;
+    let reps: usize = args.get(2).map(|r| r.parse()).transpose()?.unwrap_or(3).max(1);
+    let device = bigroc::device::parse_device(args.get(3).map(String::as_str).unwrap_or("cpu"))?;
+    let weights = match (args.get(4), args.get(5)) {
+        (Some(u), Some(c)) => Some((Path::new(u), Path::new(c))),
+        (None, None) => None,
+        _ => anyhow::bail!("{usage}: give both weights files or neither"),
+    };
+    let s = guided_step::setup(batch, weights, &device)?;
+    let run = || -> Result<()> {
+        guided_step::step(&s)?.sum_all()?.to_scalar::<f32>()?; // wait for the device
+        Ok(())
+    };
+    run()?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        run()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "{}",
+        serde_json::json!({"seconds": median, "batch": batch, "threads": candle_core::utils::get_num_threads(),
+            "weights": if weights.is_some() { "shared" } else { "random" }, "device": format!("{device:?}")})
+    );
+    Ok(())
+}

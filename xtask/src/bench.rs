@@ -1,0 +1,292 @@
+//! `cargo xtask bench`: the workloads of the performance issue, each run in the PyTorch reference
+//! and in bigroc back to back (same thread count, same shapes, same weights), printed as one
+//! markdown table with throughputs, their ratio and the achieved GFLOP/s.
+//!
+//! | row | reference script | bigroc side |
+//! | --- | --- | --- |
+//! | `refine-cifar50`, `refine-imagenet50` | `bench_refine.py` (robustness' Attacker) | `examples/refine_throughput.rs` |
+//! | `guided-step` | `bench_guided_step.py` (guided-diffusion's `p_sample`) | `examples/guided_step_throughput.rs` |
+//! | `train-step` | `bench_train_step.py` (robustness' `train._model_loop`) | `examples/train_step_throughput.rs` |
+//!
+//! Each script prints one JSON line: median seconds per unit of work (a batch, or a step) after a
+//! warm-up, and the FLOPs of one unit counted by `torch.utils.flop_counter.FlopCounterMode` during
+//! the warm-up (`xtask/reference/bench_common.py`). The reference scripts write their random weights
+//! into `target/bench/`, and bigroc's side loads them. Without a reference interpreter, bigroc's
+//! side still runs (on weights drawn by itself) and the PyTorch and FLOP columns say why they are
+//! empty.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// 2 cores x 2.45 GHz x 32 f32 FLOP per cycle (two AVX2 FMA units, 8 lanes, 2 FLOPs each).
+pub const DEFAULT_CPU_PEAK_GFLOPS: f64 = 157.0;
+
+const NO_REFERENCE: &str = "reference not available (run `cargo xtask venv` or set BIGROC_PYTHON)";
+
+pub struct Options {
+    pub reps: usize,
+    pub threads: Option<usize>,
+    pub only: Option<String>,
+    pub device: String,
+    pub peak_gflops: Option<f64>,
+}
+
+/// One row of the table.
+struct Workload {
+    /// What `--only` matches.
+    name: &'static str,
+    title: &'static str,
+    /// Images per unit of work (throughput in img/s), or None (one sampling step, in s/step).
+    images: Option<usize>,
+    /// bigroc's side runs on the random weights the reference script writes (else on weights
+    /// both sides read from the repository).
+    weights_from_reference: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload { name: "refine-cifar50", title: "refine, cifar ResNet-50, 32x32, batch 32, 7 L2 steps", images: Some(32), weights_from_reference: true },
+    Workload { name: "refine-imagenet50", title: "refine, imagenet ResNet-50, 128x128, batch 8, 7 L2 steps", images: Some(8), weights_from_reference: true },
+    Workload { name: "guided-step", title: "guided sampling step, CIFAR-10 ADM + time-dependent classifier, batch 16", images: None, weights_from_reference: true },
+    Workload {
+        name: "train-step",
+        title: "adversarial training step, ResNet-18 w0.5 (embedded classifier), batch 128, 3-step L2 PGD + SGD",
+        images: Some(128),
+        weights_from_reference: false,
+    },
+];
+
+/// A cargo command without the package variables `cargo run` gave this process (CARGO_PKG_NAME
+/// and the like): build scripts that declare `rerun-if-env-changed` on them (ring's does) would
+/// otherwise rebuild now, and again at the next plain cargo command.
+fn cargo() -> Command {
+    let mut cmd = Command::new(env!("CARGO"));
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd
+}
+
+/// The reference interpreter: $BIGROC_PYTHON, else .venv/bin/python; None when neither is there.
+fn reference_python(root: &Path) -> Option<PathBuf> {
+    let p = std::env::var_os("BIGROC_PYTHON").map(PathBuf::from).unwrap_or_else(|| root.join(".venv/bin/python"));
+    p.is_file().then_some(p)
+}
+
+/// Runs `cmd`, which prints one JSON line last on stdout; the error carries the end of its stderr.
+fn json_line(mut cmd: Command) -> Result<Value> {
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy()).collect();
+    eprintln!("+ {} {}", cmd.get_program().to_string_lossy(), args.join(" "));
+    let out = cmd.output().with_context(|| format!("cannot start {cmd:?}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        bail!("{} failed ({}):\n{}", cmd.get_program().to_string_lossy(), out.status, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')).with_context(|| format!("no JSON line in the output: {stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("bad JSON line: {line}"))
+}
+
+fn reference_cmd(python: &Path, root: &Path, w: &Workload, out: &Path, threads: usize, o: &Options) -> Command {
+    let script = match w.name {
+        "guided-step" => "bench_guided_step.py",
+        "train-step" => "bench_train_step.py",
+        _ => "bench_refine.py",
+    };
+    let mut cmd = Command::new(python);
+    cmd.arg(root.join("xtask/reference").join(script))
+        .args(["--threads", &threads.to_string(), "--reps", &o.reps.to_string(), "--device", &o.device])
+        .current_dir(root);
+    match w.name {
+        "guided-step" => cmd.arg("--out").arg(out).args(["--batch", "16"]),
+        "train-step" => cmd.args(["--batch", "128"]),
+        name => cmd.arg("--out").arg(out).args(["--only", name]),
+    };
+    cmd
+}
+
+/// bigroc's side; `shared` says the reference has just written this workload's weights into `out`.
+fn bigroc_cmd(root: &Path, w: &Workload, out: &Path, threads: usize, o: &Options, shared: bool) -> Command {
+    let mut cmd = cargo();
+    cmd.args(["run", "--quiet", "--release", "-p", "bigroc", "--example"])
+        .current_dir(root)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string());
+    let (reps, dev) = (o.reps.to_string(), o.device.as_str());
+    match w.name {
+        "guided-step" => {
+            cmd.args(["guided_step_throughput", "--", "16", &reps, dev]);
+            if shared {
+                cmd.arg(out.join("guided_unet.safetensors")).arg(out.join("guided_classifier.safetensors"));
+            }
+        }
+        "train-step" => {
+            cmd.args(["train_step_throughput", "--", "128", &reps, dev]);
+        }
+        name => {
+            let net = name.trim_start_matches("refine-");
+            let (batch, size) = if net == "cifar50" { ("32", "32") } else { ("8", "128") };
+            cmd.args(["refine_throughput", "--"]);
+            if shared {
+                cmd.arg(out.join(format!("{net}.safetensors")));
+            } else {
+                cmd.arg(format!("random:{net}"));
+            }
+            cmd.args([batch, size, &reps, dev]);
+        }
+    }
+    cmd
+}
+
+/// A side's outcome for one row: seconds per unit, or why there is none.
+type Outcome = std::result::Result<Value, String>;
+
+fn seconds(v: &Outcome) -> Option<f64> {
+    v.as_ref().ok()?["seconds"].as_f64().filter(|s| *s > 0.0)
+}
+
+fn throughput(w: &Workload, v: &Outcome) -> String {
+    match (v, seconds(v)) {
+        (_, Some(s)) => match w.images {
+            Some(n) => format!("{:.2} img/s", n as f64 / s),
+            None => format!("{s:.2} s/step"),
+        },
+        (Err(why), None) => why.clone(),
+        (Ok(_), None) => "no time reported".into(),
+    }
+}
+
+pub fn bench(root: &Path, o: Options) -> Result<()> {
+    let selected: Vec<&Workload> = WORKLOADS.iter().filter(|w| o.only.as_ref().is_none_or(|s| w.name.contains(s.as_str()))).collect();
+    if selected.is_empty() {
+        let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+        bail!("--only {:?} matches no workload (workloads: {})", o.only.as_deref().unwrap_or(""), names.join(", "));
+    }
+    if o.reps == 0 {
+        bail!("--reps must be at least 1");
+    }
+    let threads = o.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let peak = o.peak_gflops.or((o.device == "cpu").then_some(DEFAULT_CPU_PEAK_GFLOPS));
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let python = reference_python(root);
+    if python.is_none() {
+        eprintln!("{NO_REFERENCE}: timing bigroc alone, on weights it draws itself");
+    }
+
+    // Build bigroc's side once, with its progress on the terminal (the runs below are quiet).
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "bigroc"]).current_dir(root);
+    for w in &selected {
+        build.args(["--example", match w.name {
+            "guided-step" => "guided_step_throughput",
+            "train-step" => "train_step_throughput",
+            _ => "refine_throughput",
+        }]);
+    }
+    eprintln!("+ cargo {}", build.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    if !build.status().context("running cargo build")?.success() {
+        bail!("building bigroc's benchmark examples failed");
+    }
+
+    let mut rows = Vec::new();
+    for w in &selected {
+        let reference: Outcome = match &python {
+            None => Err(NO_REFERENCE.into()),
+            Some(py) => json_line(reference_cmd(py, root, w, &out, threads, &o)).map_err(|e| {
+                eprintln!("{}: {e:#}", w.name);
+                "reference failed (see above)".to_string()
+            }),
+        };
+        let ours: Outcome = json_line(bigroc_cmd(root, w, &out, threads, &o, reference.is_ok())).map_err(|e| {
+            eprintln!("{}: {e:#}", w.name);
+            "bigroc failed (see above)".to_string()
+        });
+        for (side, v) in [("PyTorch", &reference), ("bigroc", &ours)] {
+            if let Some(t) = v.as_ref().ok().and_then(|v| v["threads"].as_u64()) {
+                if o.device == "cpu" && t as usize != threads {
+                    eprintln!("warning: {}: {side} ran with {t} threads, not {threads}", w.name);
+                }
+            }
+        }
+        rows.push((w, reference, ours));
+    }
+
+    let torch = rows.iter().find_map(|(_, r, _)| r.as_ref().ok()?["torch"].as_str().map(String::from));
+    let torch = torch.map(|v| format!("PyTorch {v}")).unwrap_or_else(|| "PyTorch".into());
+    let pct = |v: f64| peak.map(|p| format!("{:.1}%", 100.0 * v / p)).unwrap_or_else(|| "-".into());
+    println!();
+    println!(
+        "| workload | {torch} ({threads} threads) | bigroc ({}, {threads} threads) | ratio bigroc/PyTorch (>1 = bigroc faster) | GFLOP per unit | PyTorch GFLOP/s | bigroc GFLOP/s | bigroc % of peak |",
+        o.device
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut failed = Vec::new();
+    for (w, reference, ours) in &rows {
+        let (rs, os) = (seconds(reference), seconds(ours));
+        let ratio = match (rs, os) {
+            (Some(r), Some(s)) => format!("{:.2}", r / s),
+            _ => "-".into(),
+        };
+        let gflop = reference.as_ref().ok().and_then(|v| v["flops"].as_f64()).filter(|f| *f > 0.0).map(|f| f / 1e9);
+        let unit = if w.images.is_some() { "batch" } else { "step" };
+        let (gflop_cell, ref_rate, our_rate, our_pct) = match gflop {
+            Some(g) => (
+                format!("{g:.1} / {unit}"),
+                rs.map(|s| format!("{:.1}", g / s)).unwrap_or_else(|| "-".into()),
+                os.map(|s| format!("{:.1}", g / s)).unwrap_or_else(|| "-".into()),
+                os.map(|s| pct(g / s)).unwrap_or_else(|| "-".into()),
+            ),
+            None => ("- (counted by the reference)".into(), "-".into(), "-".into(), "-".into()),
+        };
+        let weights = if w.weights_from_reference && reference.is_err() { " (bigroc: its own random weights)" } else { "" };
+        println!(
+            "| {}{weights} | {} | {} | {ratio} | {gflop_cell} | {ref_rate} | {our_rate} | {our_pct} |",
+            w.title,
+            throughput(w, reference),
+            throughput(w, ours)
+        );
+        if ours.is_err() || (python.is_some() && reference.is_err()) {
+            failed.push(w.name);
+        }
+    }
+    println!();
+    println!(
+        "Units: img/s (higher is better) for the refine and training rows, s/step (lower is better) for the guided \
+         sampling step; the ratio is PyTorch's time over bigroc's for the same unit of work. Each side: one warm-up \
+         run, then the median of {} timed runs; both sides ran with {threads} threads on the same shapes and, where the \
+         reference ran, the same weights.",
+        o.reps
+    );
+    println!(
+        "FLOPs: counted once per workload on the PyTorch side with torch.utils.flop_counter.FlopCounterMode during its \
+         warm-up run: convolutions and matrix products only (forward, and the backward actually executed), 2 FLOPs per \
+         multiply-add; elementwise ops, normalization, softmax and reductions are not counted. Both sides' GFLOP/s use \
+         that count."
+    );
+    match (peak, o.peak_gflops) {
+        (Some(p), Some(_)) => println!("Peak: {p} GFLOP/s (--peak-gflops)."),
+        (Some(p), None) => println!(
+            "Peak: {p} GFLOP/s in f32 (2 cores x 2.45 GHz x 32 FLOP/cycle with AVX2 FMA; set --peak-gflops for another machine)."
+        ),
+        (None, _) => println!("Peak: not known for {} (pass --peak-gflops).", o.device),
+    }
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    if !load.is_empty() {
+        println!("Load average before the run (1, 5, 15 min): {}.", load.join(" "));
+    }
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
