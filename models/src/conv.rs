@@ -91,7 +91,7 @@ pub fn conv2d_trainable(
 fn conv2d_untracked(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let geometry = Geometry::of_forward(x, weight, stride, padding)?;
     if uses_im2col(x) {
-        conv2d_im2col(x, weight, geometry, WINDOW_BUDGET)
+        crate::conv_bn::conv2d_per_sample(x, weight, geometry)
     } else {
         x.conv2d(weight, padding, stride, 1, 1)
     }
@@ -278,35 +278,6 @@ fn chunk_size(g: &Geometry, budget: usize) -> usize {
     (budget / (g.taps() * g.rows.out * g.cols.out).max(1)).clamp(1, g.b.max(1))
 }
 
-/// Forward convolution on CPU: im2col, then `[c_out, c_in * kh * kw] x windows` per sample.
-fn conv2d_im2col(x: &Tensor, weight: &Tensor, g: Geometry, budget: usize) -> Result<Tensor> {
-    let (oh, ow) = (g.rows.out, g.cols.out);
-    let weight = weight.reshape((g.c_out, g.taps()))?;
-    let x = x.contiguous()?;
-    let chunk = chunk_size(&g, budget);
-    let mut parts = Vec::with_capacity(g.b.div_ceil(chunk));
-    for start in (0..g.b).step_by(chunk) {
-        let n = chunk.min(g.b - start);
-        let x = x.narrow(0, start, n)?;
-        let windows = if g.is_pointwise() {
-            // Each window is one input position: nothing to gather.
-            x.reshape((n, g.c_in, oh * ow))?
-        } else {
-            x.apply_op1_no_bwd(&Im2Col {
-                geometry: g,
-                order: WindowOrder::SampleMajor,
-            })?
-        };
-        parts.push(
-            weight
-                .broadcast_left(n)?
-                .matmul(&windows)?
-                .reshape((n, g.c_out, oh, ow))?,
-        );
-    }
-    Tensor::cat(&parts, 0)
-}
-
 /// [`conv2d_input_grad`] as a gemm and a scatter-add, the way PyTorch computes it on CPU: every
 /// output position's gradient times the weight gives its window's `c_in x kh x kw` contributions
 /// (`W^T g`, the same multiply-adds as the forward convolution whatever the stride), which col2im adds
@@ -318,37 +289,8 @@ pub fn conv2d_input_grad_col2im(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    col2im_input_grad(grad, weight, input_hw, stride, padding, WINDOW_BUDGET)
-}
-
-fn col2im_input_grad(
-    grad: &Tensor,
-    weight: &Tensor,
-    input_hw: (usize, usize),
-    stride: usize,
-    padding: usize,
-    budget: usize,
-) -> Result<Tensor> {
-    let g = Geometry::of_grad(grad, weight, input_hw, stride, padding)?;
-    let (oh, ow) = (g.rows.out, g.cols.out);
-    // [c_out, c_in, kh, kw] -> [c_in * kh * kw, c_out] (a transposed view; gemm takes the strides).
-    let weight_t = weight.reshape((g.c_out, g.taps()))?.t()?;
-    let grad = grad.reshape((g.b, g.c_out, oh * ow))?;
-    let chunk = chunk_size(&g, budget);
-    let mut parts = Vec::with_capacity(g.b.div_ceil(chunk));
-    for start in (0..g.b).step_by(chunk) {
-        let n = chunk.min(g.b - start);
-        let windows = weight_t
-            .broadcast_left(n)?
-            .matmul(&grad.narrow(0, start, n)?)?;
-        parts.push(if g.is_pointwise() {
-            // Each window is one input position: nothing to scatter.
-            windows.reshape((n, g.c_in, oh, ow))?
-        } else {
-            windows.apply_op1_no_bwd(&Col2Im { geometry: g })?
-        });
-    }
-    Tensor::cat(&parts, 0)
+    let geometry = Geometry::of_grad(grad, weight, input_hw, stride, padding)?;
+    crate::conv_bn::conv2d_input_grad_per_sample(grad, weight, geometry)
 }
 
 /// [`conv2d_input_grad`] with candle's forward `conv2d` only: the output gradient spread out with
@@ -822,17 +764,6 @@ pub(crate) struct Col2Im {
 }
 
 impl Col2Im {
-    fn run<T>(&self, windows: &[T]) -> Vec<T>
-    where
-        T: Copy + Default + std::ops::AddAssign + Send + Sync,
-    {
-        let g = &self.geometry;
-        let plane_windows = g.rows.k * g.cols.k * g.rows.out * g.cols.out;
-        let mut out = vec![T::default(); windows.len() / plane_windows * g.rows.n * g.cols.n];
-        self.add_into(windows, &mut out);
-        out
-    }
-
     /// Adds the window contributions `windows` into `out` (`[n, c_in, h, w]`, as many samples as
     /// `windows` holds).
     pub(crate) fn add_into<T>(&self, windows: &[T], out: &mut [T])
@@ -865,36 +796,14 @@ impl Col2Im {
     }
 }
 
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geometry;
-        let n = layout.dims()[0];
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("col2im: window contributions must be contiguous")
-        };
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
-            other => bail!(
-                "col2im: unsupported dtype {:?} (f32 and f64 only)",
-                other.dtype()
-            ),
-        };
-        Ok((out, Shape::from((n, g.c_in, g.rows.n, g.cols.n))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
 
     /// Going through the batch in chunks (here of one or two samples) gives the same result as one
-    /// chunk, for the forward, the input gradient and both kernel gradients.
+    /// chunk, for both kernel gradients; the forward equals candle's convolution and the input
+    /// gradient the adjoint computed by convolution.
     #[test]
     fn chunked_batches_match_one_chunk() -> Result<()> {
         let dev = Device::Cpu;
@@ -903,9 +812,16 @@ mod tests {
             let w = Tensor::randn(0f64, 1., (4, 3, k, k), &dev)?;
             let g = Geometry::of_forward(&x, &w, stride, padding)?;
             let window = g.taps() * g.rows.out * g.cols.out;
-            let whole = conv2d_im2col(&x, &w, g, usize::MAX)?;
+            // The per-sample forward against candle's own convolution.
+            let whole = conv2d_untracked(&x, &w, stride, padding)?;
+            let e = (&whole - x.conv2d(&w, padding, stride, 1, 1)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(e <= 1e-12, "forward k{k} s{stride} p{padding}: {e}");
             let grad = Tensor::randn(0f64, 1., whole.dims(), &dev)?;
-            let grad_whole = col2im_input_grad(&grad, &w, (9, 8), stride, padding, usize::MAX)?;
+            // The per-sample col2im input gradient against the adjoint-by-convolution one.
+            let gx = conv2d_input_grad_col2im(&grad, &w, (9, 8), stride, padding)?;
+            let gx_conv = conv2d_input_grad_conv(&grad, &w, (9, 8), stride, padding)?;
+            let e = (gx - gx_conv)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(e <= 1e-12, "input gradient k{k} s{stride} p{padding}: {e}");
             let kernel = (k, k);
             let gw_whole = im2col_weight_grad(&x, &grad, kernel, stride, padding, usize::MAX)?;
             let gw_taps_whole = taps_weight_grad(&x, &grad, kernel, stride, padding, usize::MAX)?;
@@ -913,13 +829,9 @@ mod tests {
                 (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
             };
             for budget in [1, 2 * window] {
-                let y = conv2d_im2col(&x, &w, g, budget)?;
-                let gx = col2im_input_grad(&grad, &w, (9, 8), stride, padding, budget)?;
                 let gw = im2col_weight_grad(&x, &grad, kernel, stride, padding, budget)?;
                 let gw_taps = taps_weight_grad(&x, &grad, kernel, stride, padding, budget)?;
                 let errs = [
-                    diff(y, &whole)?,
-                    diff(gx, &grad_whole)?,
                     diff(gw, &gw_whole)?,
                     diff(gw_taps, &gw_taps_whole)?,
                 ];

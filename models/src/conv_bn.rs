@@ -54,8 +54,7 @@ pub fn conv2d_bn_eval(
     let op = ConvBnEval {
         geometry,
         weight: weight.detach().contiguous()?,
-        scale: scale.detach(),
-        shift: shift.detach(),
+        affine: Some((scale.detach(), shift.detach())),
         relu,
     };
     let x = x.contiguous()?;
@@ -111,8 +110,8 @@ fn composed(
 struct ConvBnEval {
     geometry: Geometry,
     weight: Tensor,
-    scale: Tensor,
-    shift: Tensor,
+    /// `None` for a plain convolution (no epilogue at all).
+    affine: Option<(Tensor, Tensor)>,
     relu: bool,
 }
 
@@ -124,8 +123,11 @@ impl ConvBnEval {
         let g = self.geometry;
         let positions = g.rows.out * g.cols.out;
         let weight = self.weight.flatten_all()?.to_vec1::<T>()?;
-        let scale = self.scale.to_vec1::<T>()?;
-        let shift = self.shift.to_vec1::<T>()?;
+        let (scale, shift) = match &self.affine {
+            Some((scale, shift)) => (scale.to_vec1::<T>()?, shift.to_vec1::<T>()?),
+            None => (Vec::new(), Vec::new()),
+        };
+        let epilogue = self.affine.is_some() || residual.is_some() || self.relu;
         let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * positions);
         let im2col = Im2Col {
             geometry: Geometry { b: 1, ..g },
@@ -154,13 +156,19 @@ impl ConvBnEval {
                 );
                 out.set_len(out.len() + sample_out);
             }
+            if !epilogue {
+                continue;
+            }
             let y = &mut out[s * sample_out..];
             let r = residual.map(|r| &r[s * sample_out..(s + 1) * sample_out]);
             y[..sample_out]
                 .par_chunks_mut(positions)
                 .enumerate()
                 .for_each(|(c, plane)| {
-                    let (a, b) = (scale[c], shift[c]);
+                    let (a, b) = match self.affine {
+                        Some(_) => (scale[c], shift[c]),
+                        None => (T::one(), T::zero()),
+                    };
                     match r {
                         Some(r) => {
                             let r = &r[c * positions..(c + 1) * positions];
@@ -202,12 +210,30 @@ impl ConvBnEval {
             &ConvBnEvalInputGrad {
                 geometry: self.geometry,
                 weight: self.weight.clone(),
-                scale: self.scale.clone(),
+                scale: self.affine.as_ref().map(|(scale, _)| scale.clone()),
                 relu,
             },
         )?;
         Ok((grad_x, has_residual.then_some(grad)))
     }
+}
+
+/// The input gradient of `conv2d(x, weight)` for an `x` of `geometry`'s shape given the output's
+/// gradient `grad`, one sample at a time: `W^T` times the sample's gradient (each output position's
+/// window contributions, written by gemm straight into the input gradient for a pointwise
+/// convolution), then col2im. CPU, f32/f64.
+pub(crate) fn conv2d_input_grad_per_sample(grad: &Tensor, weight: &Tensor, geometry: Geometry) -> Result<Tensor> {
+    let grad = grad.contiguous()?;
+    let op = ConvBnEvalInputGrad { geometry, weight: weight.detach().contiguous()?, scale: None, relu: false };
+    // Without the ReLU the op's second operand (the output it masks by) is never read.
+    grad.apply_op2_no_bwd(&grad, &op)
+}
+
+/// `conv2d(x, weight)` for `x` of `geometry`'s shape, one sample at a time (im2col, then gemm straight
+/// into the output). No backward: the callers' ops provide it. CPU, f32/f64.
+pub(crate) fn conv2d_per_sample(x: &Tensor, weight: &Tensor, geometry: Geometry) -> Result<Tensor> {
+    let op = ConvBnEval { geometry, weight: weight.detach().contiguous()?, affine: None, relu: false };
+    x.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// How gemm reads the left operand of [`matmul`].
@@ -268,7 +294,8 @@ unsafe fn matmul<T: Float>(
 struct ConvBnEvalInputGrad {
     geometry: Geometry,
     weight: Tensor,
-    scale: Tensor,
+    /// `None`: a plain convolution's adjoint (unit scale).
+    scale: Option<Tensor>,
     relu: bool,
 }
 
@@ -278,7 +305,10 @@ impl ConvBnEvalInputGrad {
         let positions = g.rows.out * g.cols.out;
         let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * positions);
         let weight = self.weight.flatten_all()?.to_vec1::<T>()?;
-        let scale = self.scale.to_vec1::<T>()?;
+        let scale = match &self.scale {
+            Some(scale) => scale.to_vec1::<T>()?,
+            None => vec![T::one(); g.c_out],
+        };
         let col2im = Col2Im {
             geometry: Geometry { b: 1, ..g },
         };
