@@ -272,7 +272,9 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
         "FLOPs: counted once per workload on the PyTorch side with torch.utils.flop_counter.FlopCounterMode during its \
          warm-up run: convolutions and matrix products only (forward, and the backward actually executed), 2 FLOPs per \
          multiply-add; elementwise ops, normalization, softmax and reductions are not counted. Both sides' GFLOP/s use \
-         that count."
+         that count. Refine: robustness' AttackerModel also runs one more forward, of the attacked batch, for the \
+         logits it returns (1/16 of its FLOPs); that forward is in its time but not in the count, which is of the \
+         work both sides do."
     );
     match (peak, o.peak_gflops) {
         (Some(p), Some(_)) => println!("Peak: {p} GFLOP/s (--peak-gflops)."),
