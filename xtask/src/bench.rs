@@ -96,6 +96,15 @@ fn json_line(mut cmd: Command) -> Result<Value> {
     serde_json::from_str(line).with_context(|| format!("bad JSON line: {line}"))
 }
 
+/// The example that is bigroc's side of `w`.
+fn example(w: &Workload) -> &'static str {
+    match w.name {
+        "guided-step" => "guided_step_throughput",
+        "train-step" => "train_step_throughput",
+        _ => "refine_throughput",
+    }
+}
+
 fn reference_cmd(python: &Path, root: &Path, w: &Workload, out: &Path, threads: usize, o: &Options) -> Command {
     let script = match w.name {
         "guided-step" => "bench_guided_step.py",
@@ -124,18 +133,18 @@ fn bigroc_cmd(root: &Path, w: &Workload, out: &Path, threads: usize, o: &Options
     let (reps, dev) = (o.reps.to_string(), o.device.as_str());
     match w.name {
         "guided-step" => {
-            cmd.args(["guided_step_throughput", "--", "16", &reps, dev]);
+            cmd.args([example(w), "--", "16", &reps, dev]);
             if shared {
                 cmd.arg(out.join("guided_unet.safetensors")).arg(out.join("guided_classifier.safetensors"));
             }
         }
         "train-step" => {
-            cmd.args(["train_step_throughput", "--", "128", &reps, dev]);
+            cmd.args([example(w), "--", "128", &reps, dev]);
         }
         name => {
             let net = name.trim_start_matches("refine-");
             let (batch, size) = if net == "cifar50" { ("32", "32") } else { ("8", "128") };
-            cmd.args(["refine_throughput", "--"]);
+            cmd.args([example(w), "--"]);
             if shared {
                 cmd.arg(out.join(format!("{net}.safetensors")));
             } else {
@@ -187,12 +196,10 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
     // Build bigroc's side once, with its progress on the terminal (the runs below are quiet).
     let mut build = cargo();
     build.args(["build", "--release", "-p", "bigroc"]).current_dir(root);
-    for w in &selected {
-        build.args(["--example", match w.name {
-            "guided-step" => "guided_step_throughput",
-            "train-step" => "train_step_throughput",
-            _ => "refine_throughput",
-        }]);
+    let mut examples: Vec<&str> = selected.iter().map(|w| example(w)).collect();
+    examples.dedup();
+    for e in examples {
+        build.args(["--example", e]);
     }
     eprintln!("+ cargo {}", build.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
     if !build.status().context("running cargo build")?.success() {
@@ -272,7 +279,9 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
         "FLOPs: counted once per workload on the PyTorch side with torch.utils.flop_counter.FlopCounterMode during its \
          warm-up run: convolutions and matrix products only (forward, and the backward actually executed), 2 FLOPs per \
          multiply-add; elementwise ops, normalization, softmax and reductions are not counted. Both sides' GFLOP/s use \
-         that count."
+         that count. Refine: robustness' AttackerModel also runs one more forward, of the attacked batch, for the \
+         logits it returns (1/16 of its FLOPs); that forward is in its time but not in the count, which is of the \
+         work both sides do."
     );
     match (peak, o.peak_gflops) {
         (Some(p), Some(_)) => println!("Peak: {p} GFLOP/s (--peak-gflops)."),
