@@ -77,10 +77,20 @@ struct GroupNormAffine {
     silu: bool,
 }
 
-/// f32 and f64.
-trait Float: WithDType {}
-impl Float for f32 {}
-impl Float for f64 {}
+/// f32 and f64, with SiLU in the type's own precision (the forward's per-element work).
+trait Float: WithDType + std::ops::Mul<Output = Self> + std::ops::Add<Output = Self> {
+    fn silu(self) -> Self;
+}
+impl Float for f32 {
+    fn silu(self) -> Self {
+        self / (1.0 + (-self).exp())
+    }
+}
+impl Float for f64 {
+    fn silu(self) -> Self {
+        self / (1.0 + (-self).exp())
+    }
+}
 
 fn sigmoid(v: f64) -> f64 {
     1.0 / (1.0 + (-v).exp())
@@ -112,10 +122,12 @@ impl GroupNormAffine {
                 let first_channel = ng * (c / self.groups); // sample * c + channel
                 for (i, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
                     let nc = first_channel + i;
-                    let (a, b) = (scale[nc].to_f64() * rstd, shift[nc].to_f64() - mean * rstd * scale[nc].to_f64());
-                    for (o, &v) in out.iter_mut().zip(x) {
-                        let pre = v.to_f64() * a + b;
-                        *o = T::from_f64(if self.silu { pre * sigmoid(pre) } else { pre });
+                    let s = scale[nc].to_f64();
+                    let (a, b) = (T::from_f64(s * rstd), T::from_f64(shift[nc].to_f64() - mean * rstd * s));
+                    if self.silu {
+                        out.iter_mut().zip(x).for_each(|(o, &v)| *o = (v * a + b).silu());
+                    } else {
+                        out.iter_mut().zip(x).for_each(|(o, &v)| *o = v * a + b);
                     }
                 }
             });
