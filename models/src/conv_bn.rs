@@ -21,6 +21,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::ops::contiguous_slice;
 use crate::conv::{conv2d_const_weight, uses_im2col, Col2Im, Geometry, Im2Col, WindowOrder};
 
 /// `relu?(conv2d(x, weight) * scale + shift + residual?)` with `scale`, `shift` per output channel
@@ -422,10 +423,7 @@ impl Float for f32 {}
 impl Float for f64 {}
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("conv2d_bn_eval: {what} must be contiguous"),
-    }
+    contiguous_slice(v, layout, "conv2d_bn_eval", what)
 }
 
 impl CustomOp1 for ConvBnEval {

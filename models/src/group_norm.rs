@@ -12,6 +12,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::ops::contiguous_slice;
+
 /// `silu?((x - mean_g) / sqrt(var_g + eps) * scale + shift)` for `x` of shape `[n, c, ...]`, statistics
 /// per sample and group of `c / groups` channels (over those channels and every position), `scale`
 /// and `shift` of shape `[n, c]` (constants). CPU f32/f64 runs one fused op; elsewhere the same
@@ -180,10 +182,7 @@ impl GroupNormAffine {
 }
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => bail!("group_norm_affine: the input must be contiguous"),
-    }
+    contiguous_slice(v, layout, "group_norm_affine", "the input")
 }
 
 impl CustomOp1 for GroupNormAffine {

@@ -123,10 +123,12 @@ impl PoolGeometry {
     }
 }
 
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+/// The entries of a contiguous operand of the custom op `op` (an error naming `op` and `what`
+/// otherwise).
+pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("max_pool2d: {what} must be contiguous"),
+        None => bail!("{op}: {what} must be contiguous"),
     }
 }
 
@@ -147,10 +149,10 @@ impl CustomOp1 for MaxPool2dCpu {
         let g = PoolGeometry::new(h, w, self.kernel, self.stride, self.padding)?;
         let out = match storage {
             CpuStorage::F32(v) => {
-                CpuStorage::F32(g.forward(contiguous_slice(v, layout, "input")?, n * c))
+                CpuStorage::F32(g.forward(contiguous_slice(v, layout, "max_pool2d", "input")?, n * c))
             }
             CpuStorage::F64(v) => {
-                CpuStorage::F64(g.forward(contiguous_slice(v, layout, "input")?, n * c))
+                CpuStorage::F64(g.forward(contiguous_slice(v, layout, "max_pool2d", "input")?, n * c))
             }
             s => bail!(
                 "max_pool2d: CPU kernel supports f32 and f64, got {:?}",
@@ -204,13 +206,13 @@ impl CustomOp2 for MaxPool2dCpuBackward {
         }
         let grad = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(go)) => CpuStorage::F32(g.backward(
-                contiguous_slice(x, l1, "input")?,
-                contiguous_slice(go, l2, "gradient")?,
+                contiguous_slice(x, l1, "max_pool2d", "input")?,
+                contiguous_slice(go, l2, "max_pool2d", "gradient")?,
                 n * c,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(go)) => CpuStorage::F64(g.backward(
-                contiguous_slice(x, l1, "input")?,
-                contiguous_slice(go, l2, "gradient")?,
+                contiguous_slice(x, l1, "max_pool2d", "input")?,
+                contiguous_slice(go, l2, "max_pool2d", "gradient")?,
                 n * c,
             )),
             (a, b) => bail!(
