@@ -17,19 +17,21 @@
 //!   in both spatial dimensions and with in/out channels swapped, padded by `k - 1 - p` (plus one more
 //!   row/column at the far end for input positions past the last window, whose gradient is zero).
 //!
-//! [`conv2d_trainable`] adds the kernel gradient, `sum_n g_n windows_n^T`: on CPU in f32/f64 one gemm
-//! over windows gathered channel-major (im2col into `[c_in * kh * kw, n * oh * ow]`, so the whole batch
-//! is one contraction), elsewhere the same contraction with the windows gathered by tensor ops (one
+//! [`conv2d_trainable`] adds the kernel gradient, `sum_n g_n windows_n^T`: on CPU in f32/f64 a gemm
+//! per few samples over their windows gathered side by side (`[c_in * kh * kw, n * oh * ow]`, so that
+//! the contraction stays long where the maps are small), each thread summing its share of the batch,
+//! elsewhere the same contraction with the windows gathered by tensor ops (one
 //! strided copy per kernel tap) and a device gemm, avoiding candle's dilated-convolution formulation.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Error, Layout, MetalStorage,
-    Result, Shape, Tensor,
+    Result, Shape, Tensor, WithDType,
 };
-use rayon::prelude::*;
 
+use crate::matmul::{gemm_threads, matmul, Operand, Write};
 use crate::ops::PrecomputedOutput;
+use crate::parallel::{for_each_chunk_init, split_by_sample};
 
 /// `x` convolved with `weight` (`[c_out, c_in, kh, kw]`, no bias, groups 1, dilation 1, the same
 /// `stride` and zero `padding` on both spatial axes), equal to `x.conv2d(weight, padding, stride, 1, 1)`.
@@ -136,40 +138,126 @@ fn im2col_weight_grad(
     padding: usize,
     budget: usize,
 ) -> Result<Tensor> {
-    let g = Geometry::of_weight_grad(x, grad, kernel_hw, stride, padding)?;
-    let positions = g.rows.out * g.cols.out;
-    let x = x.contiguous()?;
-    let grad = grad.reshape((g.b, g.c_out, positions))?;
-    let chunk = chunk_size(&g, budget);
-    let mut total: Option<Tensor> = None;
-    for start in (0..g.b).step_by(chunk) {
-        let n = chunk.min(g.b - start);
-        let x = x.narrow(0, start, n)?;
-        let windows = if g.is_pointwise() {
-            // Each window is one input position: only the batch and channel axes swap.
-            x.reshape((n, g.c_in, positions))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((g.c_in, n * positions))?
+    let geometry = Geometry::of_weight_grad(x, grad, kernel_hw, stride, padding)?;
+    let grad = grad.reshape((geometry.b, geometry.c_out, geometry.rows.out, geometry.cols.out))?;
+    x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &WeightGrad { geometry, budget })
+}
+
+/// Contraction length (output positions times samples) below which [`WeightGrad`] puts more samples
+/// into one gemm: deep in a network the maps are 4x4 or 8x8, and a gemm over 16 positions spends more
+/// time packing its operands than multiplying.
+const MIN_CONTRACTION: usize = 512;
+
+/// The kernel gradient `[c_out, c_in, kh, kw]` of a convolution of `geometry` from its input `x` and
+/// its output's gradient: `sum over samples of grad_s [c_out, positions] x windows_s^T`. Each thread
+/// takes a fixed share of the batch into a partial sum of its own (so the result does not depend on
+/// which thread was fastest), a few samples per gemm (their windows side by side, `[c_in * kh * kw,
+/// n * positions]`, and their gradients likewise); the partial sums are added at the end. CPU,
+/// f32/f64; no backward.
+struct WeightGrad {
+    geometry: Geometry,
+    /// Most window entries gathered at once (per thread).
+    budget: usize,
+}
+
+impl WeightGrad {
+    fn run<T: WithDType + Default + std::ops::AddAssign>(&self, x: &[T], grad: &[T]) -> Vec<T> {
+        let g = self.geometry;
+        let positions = g.rows.out * g.cols.out;
+        let (sample_in, sample_out, size) = (g.c_in * g.rows.n * g.cols.n, g.c_out * positions, g.c_out * g.taps());
+        let chunk = MIN_CONTRACTION
+            .div_ceil(positions)
+            .min(self.budget / (g.taps() * positions).max(1))
+            .max(1);
+        let (parts, threads) = if split_by_sample(g.b) {
+            (crate::parallel::threads(), gemm::Parallelism::None)
         } else {
-            x.apply_op1_no_bwd(&Im2Col {
-                geometry: Geometry { b: n, ..g },
-                order: WindowOrder::ChannelMajor,
-            })?
+            (1, gemm_threads())
         };
-        let grad = grad
-            .narrow(0, start, n)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((g.c_out, n * positions))?;
-        let part = grad.matmul(&windows.t()?)?;
-        total = Some(match total {
-            None => part,
-            Some(t) => (t + part)?,
+        let mut partial = vec![T::zero(); parts * size];
+        // Scratch: the windows, the gradients side by side, and how many samples the windows' zero
+        // padding entries are laid out for.
+        let scratch = || (Vec::new(), Vec::new(), 0);
+        for_each_chunk_init(&mut partial, size, scratch, |(windows, grads, laid_out), part, dw| {
+            let (first, end) = (part * g.b / parts, (part + 1) * g.b / parts);
+            let mut write = Write::Overwrite;
+            for start in (first..end).step_by(chunk) {
+                let n = chunk.min(end - start);
+                let columns = n * positions;
+                if *laid_out != n {
+                    *windows = vec![T::zero(); g.taps() * columns];
+                    *laid_out = n;
+                }
+                let plane_windows = g.rows.k * g.cols.k * positions;
+                let plane_in = g.rows.n * g.cols.n;
+                for c in 0..g.c_in {
+                    let block = &mut windows[c * plane_windows * n..][..plane_windows * n];
+                    for j in 0..n {
+                        let src = &x[(start + j) * sample_in + c * plane_in..][..plane_in];
+                        g.for_each_run(|window, input, count| {
+                            let (tap, position) = (window / positions, window % positions);
+                            let at = (tap * n + j) * positions + position;
+                            gather(&mut block[at..at + count], &src[input..], g.cols.stride)
+                        })
+                    }
+                }
+                let grads: &[T] = if n == 1 {
+                    &grad[start * sample_out..][..sample_out]
+                } else {
+                    grads.resize(g.c_out * columns, T::zero());
+                    for j in 0..n {
+                        let src = &grad[(start + j) * sample_out..][..sample_out];
+                        for (c, plane) in src.chunks(positions).enumerate() {
+                            grads[c * columns + j * positions..][..positions].copy_from_slice(plane);
+                        }
+                    }
+                    grads
+                };
+                // SAFETY: `dw` holds `c_out x taps` entries; `grads` is `[c_out, columns]` and
+                // `windows` `[taps, columns]`, read transposed.
+                unsafe {
+                    matmul(
+                        dw.as_mut_ptr(),
+                        write,
+                        grads,
+                        Operand::RowMajor,
+                        windows,
+                        Operand::Transposed,
+                        (g.c_out, columns, g.taps()),
+                        threads,
+                    )
+                };
+                write = Write::Accumulate;
+            }
         });
+        let (total, rest) = partial.split_at_mut(size);
+        for part in rest.chunks(size) {
+            total.iter_mut().zip(part).for_each(|(t, &p)| *t += p);
+        }
+        partial.truncate(size);
+        partial
     }
-    let total = total.ok_or_else(|| Error::Msg("conv2d_weight_grad: empty batch".into()))?;
-    total.reshape((g.c_out, g.c_in, g.rows.k, g.cols.k))
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, lx: &Layout, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        let slice = |l: &Layout, what: &str| match l.contiguous_offsets() {
+            Some(range) => Ok(range),
+            None => bail!("conv2d_weight_grad: {what} must be contiguous"),
+        };
+        let ((xs, xe), (gs, ge)) = (slice(lx, "the input")?, slice(lg, "the gradient")?);
+        let out = match (x, g) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.run(&x[xs..xe], &g[gs..ge])),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.run(&x[xs..xe], &g[gs..ge])),
+            _ => bail!("conv2d_weight_grad: unsupported dtypes {:?}, {:?} (f32 and f64 only)", x.dtype(), g.dtype()),
+        };
+        let g = self.geometry;
+        Ok((out, Shape::from((g.c_out, g.c_in, g.rows.k, g.cols.k))))
+    }
 }
 
 /// [`conv2d_weight_grad`] with tensor ops only (any device and dtype with a matmul): the input is
@@ -662,137 +750,67 @@ impl CustomOp2 for TrainableConv2d {
     }
 }
 
-/// How [`Im2Col`] lays out the windows of a batch of `n` samples.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum WindowOrder {
-    /// `[n, c_in * kh * kw, oh * ow]`: one matrix per sample (the forward's gemm per sample).
-    SampleMajor,
-    /// `[c_in * kh * kw, n * oh * ow]`: the whole batch along the columns (the kernel gradient's gemm).
-    ChannelMajor,
+/// Copies `dst.len()` input entries from `src` on, every `stride`-th, to `dst`.
+fn gather<T: Copy>(dst: &mut [T], src: &[T], stride: usize) {
+    if stride == 1 {
+        dst.copy_from_slice(&src[..dst.len()]);
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+            *d = s;
+        }
+    }
 }
 
-/// Gathers every output position's window, `[n, c_in, h, w]` -> `[n, c_in * kh * kw, oh * ow]` or
-/// `[c_in * kh * kw, n * oh * ow]` (row-major over `c_in, kh, kw`; zeros for padding). CPU only; no
-/// backward.
-pub(crate) struct Im2Col {
-    pub(crate) geometry: Geometry,
-    pub(crate) order: WindowOrder,
-}
+impl Geometry {
+    /// One (sample, channel) plane's windows, `[kh * kw, oh * ow]`, gathered from its `[h, w]` input
+    /// plane `src`. Entries on padding are left as they are: zero in a buffer that only ever holds
+    /// windows of this geometry.
+    pub(crate) fn gather_plane<T: Copy>(&self, dst: &mut [T], src: &[T]) {
+        self.for_each_run(|window, input, count| {
+            gather(&mut dst[window..window + count], &src[input..], self.cols.stride)
+        })
+    }
 
-impl Im2Col {
-    pub(crate) fn run<T: Copy + Default + Send + Sync>(&self, input: &[T]) -> Vec<T> {
-        let g = &self.geometry;
-        let (plane_in, positions) = (g.rows.n * g.cols.n, g.rows.out * g.cols.out);
-        let plane_windows = g.rows.k * g.cols.k * positions;
-        let stride = g.cols.stride;
-        let mut windows = vec![T::default(); input.len() / plane_in * plane_windows];
-        // Copies `count` input entries from `input` on (every `stride`-th) to `dst`.
-        let gather = |dst: &mut [T], src: &[T]| {
+    /// One sample's windows, `[c_in * kh * kw, oh * ow]`, from its `[c_in, h, w]` input, on the
+    /// calling thread (see [`Geometry::gather_plane`] for padding).
+    pub(crate) fn gather_sample<T: Copy>(&self, windows: &mut [T], input: &[T]) {
+        let plane_windows = self.rows.k * self.cols.k * self.rows.out * self.cols.out;
+        for (dst, src) in windows
+            .chunks_mut(plane_windows)
+            .zip(input.chunks(self.rows.n * self.cols.n))
+        {
+            self.gather_plane(dst, src)
+        }
+    }
+
+    /// Adds one (sample, channel) plane's window contributions `[kh * kw, oh * ow]` into the input
+    /// positions of its `[h, w]` plane `dst` they belong to (those on padding are dropped): the
+    /// adjoint of [`Geometry::gather_plane`].
+    pub(crate) fn scatter_add_plane<T: Copy + std::ops::AddAssign>(&self, dst: &mut [T], src: &[T]) {
+        let stride = self.cols.stride;
+        self.for_each_run(|window, input, count| {
+            let src = &src[window..window + count];
             if stride == 1 {
-                dst.copy_from_slice(&src[..dst.len()]);
+                for (d, &s) in dst[input..input + count].iter_mut().zip(src) {
+                    *d += s;
+                }
             } else {
-                for (d, &s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
-                    *d = s;
+                for (d, &s) in dst[input..].iter_mut().step_by(stride).zip(src) {
+                    *d += s;
                 }
             }
-        };
-        match self.order {
-            // One (sample, channel) plane per task: planes are independent.
-            WindowOrder::SampleMajor => windows
-                .par_chunks_mut(plane_windows)
-                .zip(input.par_chunks(plane_in))
-                .for_each(|(dst, src)| {
-                    g.for_each_run(|window, input, count| {
-                        gather(&mut dst[window..window + count], &src[input..])
-                    })
-                }),
-            // One channel per task: its `[kh * kw, n, oh * ow]` block holds every sample's windows.
-            WindowOrder::ChannelMajor => {
-                let n = input.len() / (plane_in * g.c_in).max(1);
-                windows
-                    .par_chunks_mut(plane_windows * n)
-                    .enumerate()
-                    .for_each(|(c, dst)| {
-                        for sample in 0..n {
-                            let src = &input[(sample * g.c_in + c) * plane_in..][..plane_in];
-                            g.for_each_run(|window, input, count| {
-                                let (tap, position) = (window / positions, window % positions);
-                                let at = (tap * n + sample) * positions + position;
-                                gather(&mut dst[at..at + count], &src[input..])
-                            })
-                        }
-                    })
-            }
+        })
+    }
+
+    /// [`Geometry::scatter_add_plane`] for every channel of one sample, on the calling thread.
+    pub(crate) fn scatter_add_sample<T: Copy + std::ops::AddAssign>(&self, input: &mut [T], windows: &[T]) {
+        let plane_windows = self.rows.k * self.cols.k * self.rows.out * self.cols.out;
+        for (dst, src) in input
+            .chunks_mut(self.rows.n * self.cols.n)
+            .zip(windows.chunks(plane_windows))
+        {
+            self.scatter_add_plane(dst, src)
         }
-        windows
-    }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.geometry;
-        let n = layout.dims()[0];
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("im2col: the input must be contiguous")
-        };
-        let windows = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
-            other => bail!(
-                "im2col: unsupported dtype {:?} (f32 and f64 only)",
-                other.dtype()
-            ),
-        };
-        let positions = g.rows.out * g.cols.out;
-        let shape = match self.order {
-            WindowOrder::SampleMajor => Shape::from((n, g.taps(), positions)),
-            WindowOrder::ChannelMajor => Shape::from((g.taps(), n * positions)),
-        };
-        Ok((windows, shape))
-    }
-}
-
-/// Adds window contributions `[n, c_in * kh * kw, oh * ow]` (row-major over `c_in, kh, kw`) into the
-/// input positions they belong to, `[n, c_in, h, w]` (dropping those on padding): the adjoint of
-/// [`Im2Col`]. CPU only; no backward.
-pub(crate) struct Col2Im {
-    pub(crate) geometry: Geometry,
-}
-
-impl Col2Im {
-    /// Adds the window contributions `windows` into `out` (`[n, c_in, h, w]`, as many samples as
-    /// `windows` holds).
-    pub(crate) fn add_into<T>(&self, windows: &[T], out: &mut [T])
-    where
-        T: Copy + std::ops::AddAssign + Send + Sync,
-    {
-        let g = &self.geometry;
-        let (plane_out, plane_windows) = (
-            g.rows.n * g.cols.n,
-            g.rows.k * g.cols.k * g.rows.out * g.cols.out,
-        );
-        let stride = g.cols.stride;
-        // One (sample, channel) plane per task: each input plane only receives its own windows.
-        out.par_chunks_mut(plane_out)
-            .zip(windows.par_chunks(plane_windows))
-            .for_each(|(dst, src)| {
-                g.for_each_run(|window, input, count| {
-                    let src = &src[window..window + count];
-                    if stride == 1 {
-                        for (d, &s) in dst[input..input + count].iter_mut().zip(src) {
-                            *d += s;
-                        }
-                    } else {
-                        for (d, &s) in dst[input..].iter_mut().step_by(stride).zip(src) {
-                            *d += s;
-                        }
-                    }
-                })
-            });
     }
 }
 

@@ -21,8 +21,12 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::ops::contiguous_slice;
-use crate::conv::{conv2d_const_weight, uses_im2col, Col2Im, Geometry, Im2Col, WindowOrder};
+use std::mem::MaybeUninit;
+
+use crate::conv::{conv2d_const_weight, uses_im2col, Geometry};
+use crate::matmul::{gemm_threads, matmul, Operand, Write};
+use crate::ops::{contiguous_slice, with_cpu_slice};
+use crate::parallel::{self, split_by_sample};
 
 /// `relu?(conv2d(x, weight) * scale + shift + residual?)` with `scale`, `shift` per output channel
 /// (`[c_out]`), `residual` of the output's shape, and `weight` `[c_out, c_in, kh, kw]` used as a
@@ -119,72 +123,40 @@ struct ConvBnEval {
 impl ConvBnEval {
     /// im2col, gemm and the epilogue one sample at a time: the sample's windows (at most a few MB)
     /// stay in cache between the gather and the gemm, and its output between the gemm and the
-    /// epilogue.
+    /// epilogue. Whole samples go to the threads when there are enough of them (see
+    /// [`crate::parallel`]); a smaller batch runs its samples in turn with gemm's own threads.
     fn forward<T: Float>(&self, x: &[T], residual: Option<&[T]>) -> Result<Vec<T>> {
         let g = self.geometry;
-        let positions = g.rows.out * g.cols.out;
-        let weight = self.weight.flatten_all()?.to_vec1::<T>()?;
         let (scale, shift) = match &self.affine {
-            Some((scale, shift)) => (scale.to_vec1::<T>()?, shift.to_vec1::<T>()?),
-            None => (Vec::new(), Vec::new()),
+            Some((scale, shift)) => (Some(scale.to_vec1::<T>()?), Some(shift.to_vec1::<T>()?)),
+            None => (None, None),
         };
-        let epilogue = self.affine.is_some() || residual.is_some() || self.relu;
-        let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * positions);
-        let im2col = Im2Col {
-            geometry: Geometry { b: 1, ..g },
-            order: WindowOrder::SampleMajor,
-        };
-        let mut out: Vec<T> = Vec::with_capacity(g.b * sample_out);
-        for s in 0..g.b {
-            let x = &x[s * sample_in..(s + 1) * sample_in];
-            let windows_buffer;
-            let windows: &[T] = if g.is_pointwise() {
-                x
-            } else {
-                windows_buffer = im2col.run(x);
-                &windows_buffer
+        with_cpu_slice(&self.weight, "conv2d_bn_eval", "weight", |weight: &[T]| {
+            let sample = SampleForward {
+                g,
+                weight,
+                scale: scale.as_deref(),
+                shift: shift.as_deref(),
+                relu: self.relu,
             };
-            // SAFETY: the spare capacity holds at least `sample_out` more entries, all of which gemm
-            // writes (read_dst false) before `set_len` exposes them.
-            unsafe {
-                let dst = out.spare_capacity_mut().as_mut_ptr() as *mut T;
-                matmul(
-                    dst,
-                    &weight,
-                    Operand::RowMajor,
-                    windows,
-                    (g.c_out, g.taps(), positions),
-                );
-                out.set_len(out.len() + sample_out);
-            }
-            if !epilogue {
-                continue;
-            }
-            let y = &mut out[s * sample_out..];
-            let r = residual.map(|r| &r[s * sample_out..(s + 1) * sample_out]);
-            y[..sample_out]
-                .par_chunks_mut(positions)
-                .enumerate()
-                .for_each(|(c, plane)| {
-                    let (a, b) = match self.affine {
-                        Some(_) => (scale[c], shift[c]),
-                        None => (T::one(), T::zero()),
-                    };
-                    match r {
-                        Some(r) => {
-                            let r = &r[c * positions..(c + 1) * positions];
-                            for (v, &r) in plane.iter_mut().zip(r) {
-                                *v = *v * a + b + r;
-                            }
-                        }
-                        None => plane.iter_mut().for_each(|v| *v = *v * a + b),
-                    }
-                    if self.relu {
-                        plane.iter_mut().for_each(|v| *v = v.relu());
-                    }
+            let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * g.rows.out * g.cols.out);
+            let residual = |s: usize| residual.map(|r| &r[s * sample_out..][..sample_out]);
+            let mut out: Vec<T> = Vec::with_capacity(g.b * sample_out);
+            let dst = &mut out.spare_capacity_mut()[..g.b * sample_out];
+            if split_by_sample(g.b) {
+                parallel::for_each_chunk(dst, sample_out, || sample.windows(), |windows, s, y| {
+                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, windows, gemm::Parallelism::None)
                 });
-        }
-        Ok(out)
+            } else {
+                let mut windows = sample.windows();
+                for (s, y) in dst.chunks_mut(sample_out).enumerate() {
+                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, &mut windows, gemm_threads());
+                }
+            }
+            // SAFETY: `run` wrote every element of every sample's output.
+            unsafe { out.set_len(g.b * sample_out) };
+            out
+        })
     }
 
     fn output_shape(&self) -> Shape {
@@ -219,6 +191,82 @@ impl ConvBnEval {
     }
 }
 
+/// One sample of [`ConvBnEval`]'s forward: the constants, borrowed for the op's duration.
+struct SampleForward<'a, T> {
+    g: Geometry,
+    weight: &'a [T],
+    scale: Option<&'a [T]>,
+    shift: Option<&'a [T]>,
+    relu: bool,
+}
+
+impl<T: Float> SampleForward<'_, T> {
+    /// The window buffer of one sample (unused, empty, for a pointwise convolution).
+    fn windows(&self) -> Vec<T> {
+        let g = self.g;
+        if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); g.taps() * g.rows.out * g.cols.out]
+        }
+    }
+
+    /// `y = relu?(W x * scale + shift + residual?)` for one sample; writes all of `y`.
+    fn run(
+        &self,
+        x: &[T],
+        residual: Option<&[T]>,
+        y: &mut [MaybeUninit<T>],
+        windows: &mut [T],
+        threads: gemm::Parallelism,
+    ) {
+        let g = self.g;
+        let positions = g.rows.out * g.cols.out;
+        let windows: &[T] = if g.is_pointwise() {
+            x
+        } else {
+            g.gather_sample(windows, x);
+            windows
+        };
+        // SAFETY: `y` holds `c_out x positions` entries, all of which gemm writes (without reading).
+        unsafe {
+            matmul(
+                y.as_mut_ptr() as *mut T,
+                Write::Overwrite,
+                self.weight,
+                Operand::RowMajor,
+                windows,
+                Operand::RowMajor,
+                (g.c_out, g.taps(), positions),
+                threads,
+            )
+        };
+        // SAFETY: initialized just above.
+        let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [T]) };
+        if self.scale.is_none() && residual.is_none() && !self.relu {
+            return;
+        }
+        for (c, plane) in y.chunks_mut(positions).enumerate() {
+            let (a, b) = match (self.scale, self.shift) {
+                (Some(scale), Some(shift)) => (scale[c], shift[c]),
+                _ => (T::one(), T::zero()),
+            };
+            match residual {
+                Some(r) => {
+                    let r = &r[c * positions..(c + 1) * positions];
+                    for (v, &r) in plane.iter_mut().zip(r) {
+                        *v = *v * a + b + r;
+                    }
+                }
+                None => plane.iter_mut().for_each(|v| *v = *v * a + b),
+            }
+            if self.relu {
+                plane.iter_mut().for_each(|v| *v = v.relu());
+            }
+        }
+    }
+}
+
 /// The input gradient of `conv2d(x, weight)` for an `x` of `geometry`'s shape given the output's
 /// gradient `grad`, one sample at a time: `W^T` times the sample's gradient (each output position's
 /// window contributions, written by gemm straight into the input gradient for a pointwise
@@ -235,57 +283,6 @@ pub(crate) fn conv2d_input_grad_per_sample(grad: &Tensor, weight: &Tensor, geome
 pub(crate) fn conv2d_per_sample(x: &Tensor, weight: &Tensor, geometry: Geometry) -> Result<Tensor> {
     let op = ConvBnEval { geometry, weight: weight.detach().contiguous()?, affine: None, relu: false };
     x.contiguous()?.apply_op1_no_bwd(&op)
-}
-
-/// How gemm reads the left operand of [`matmul`].
-#[derive(Clone, Copy)]
-enum Operand {
-    /// As stored, `[m, k]` row-major.
-    RowMajor,
-    /// Transposed: stored `[k, m]` row-major.
-    Transposed,
-}
-
-/// `dst[m, n] = lhs[m, k] x rhs[k, n]`, everything row-major (`lhs` possibly stored transposed),
-/// overwriting `dst` without reading it.
-///
-/// # Safety
-/// `dst` must be valid for writes of `m * n` entries; `lhs` holds `m * k` and `rhs` at least `k * n`.
-unsafe fn matmul<T: Float>(
-    dst: *mut T,
-    lhs: &[T],
-    lhs_layout: Operand,
-    rhs: &[T],
-    (m, k, n): (usize, usize, usize),
-) {
-    debug_assert!(lhs.len() >= m * k && rhs.len() >= k * n && k > 0);
-    let (lhs_cs, lhs_rs) = match lhs_layout {
-        Operand::RowMajor => (1, k as isize),
-        Operand::Transposed => (m as isize, 1),
-    };
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst,
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            T::zero(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
 }
 
 /// The input gradient of [`ConvBnEval`] given the output's gradient `g` and the output `y`: the
@@ -305,68 +302,83 @@ impl ConvBnEvalInputGrad {
         let g = self.geometry;
         let positions = g.rows.out * g.cols.out;
         let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * positions);
-        let weight = self.weight.flatten_all()?.to_vec1::<T>()?;
         let scale = match &self.scale {
             Some(scale) => scale.to_vec1::<T>()?,
             None => vec![T::one(); g.c_out],
         };
-        let col2im = Col2Im {
-            geometry: Geometry { b: 1, ..g },
-        };
-        let mut scaled = vec![T::zero(); sample_out];
-        let mut windows = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); g.taps() * positions]
-        };
-        let mut out = vec![T::zero(); g.b * sample_in];
-        for s in 0..g.b {
-            let (grad, y) = (
-                &grad[s * sample_out..][..sample_out],
-                &y[s * sample_out..][..sample_out],
-            );
-            scaled
-                .par_chunks_mut(positions)
-                .zip(grad.par_chunks(positions).zip(y.par_chunks(positions)))
-                .enumerate()
-                .for_each(|(c, (dst, (grad, y)))| {
-                    let a = scale[c];
-                    for ((d, &g), &y) in dst.iter_mut().zip(grad).zip(y) {
-                        *d = if !self.relu || y > T::zero() {
-                            g * a
-                        } else {
-                            T::zero()
-                        };
-                    }
+        with_cpu_slice(&self.weight, "conv2d_bn_eval", "weight", |weight: &[T]| {
+            let sample = SampleInputGrad { g, weight, scale: &scale, relu: self.relu };
+            let scratch = || {
+                let windows = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); g.taps() * positions] };
+                (vec![T::zero(); sample_out], windows)
+            };
+            let y = |s: usize| if self.relu { &y[s * sample_out..][..sample_out] } else { &[][..] };
+            let grad = |s: usize| &grad[s * sample_out..][..sample_out];
+            let mut out = vec![T::zero(); g.b * sample_in];
+            if split_by_sample(g.b) {
+                parallel::for_each_chunk_init(&mut out, sample_in, scratch, |(scaled, windows), s, out| {
+                    sample.run(grad(s), y(s), out, scaled, windows, gemm::Parallelism::None)
                 });
-            let out = &mut out[s * sample_in..][..sample_in];
-            let shape = (g.taps(), g.c_out, positions);
-            // SAFETY: the destinations hold `taps x positions` entries (the input plane itself when
-            // the convolution is pointwise); the weight is `[c_out, taps]`, read transposed.
-            unsafe {
-                if g.is_pointwise() {
-                    matmul(
-                        out.as_mut_ptr(),
-                        &weight,
-                        Operand::Transposed,
-                        &scaled,
-                        shape,
-                    );
-                } else {
-                    matmul(
-                        windows.as_mut_ptr(),
-                        &weight,
-                        Operand::Transposed,
-                        &scaled,
-                        shape,
-                    );
+            } else {
+                let (mut scaled, mut windows) = scratch();
+                for (s, out) in out.chunks_mut(sample_in).enumerate() {
+                    sample.run(grad(s), y(s), out, &mut scaled, &mut windows, gemm_threads());
                 }
             }
-            if !g.is_pointwise() {
-                col2im.add_into(&windows, out);
+            out
+        })
+    }
+}
+
+/// One sample of [`ConvBnEvalInputGrad`]: the constants, borrowed for the op's duration.
+struct SampleInputGrad<'a, T> {
+    g: Geometry,
+    weight: &'a [T],
+    scale: &'a [T],
+    relu: bool,
+}
+
+impl<T: Float> SampleInputGrad<'_, T> {
+    /// Adds the sample's input gradient into `out` (zeros on entry) given its output gradient `grad`
+    /// and output `y` (empty without the ReLU); `scaled` (`[c_out, positions]`) and `windows`
+    /// (`[taps, positions]`, empty for a pointwise convolution) are scratch.
+    fn run(
+        &self,
+        grad: &[T],
+        y: &[T],
+        out: &mut [T],
+        scaled: &mut [T],
+        windows: &mut [T],
+        threads: gemm::Parallelism,
+    ) {
+        let g = self.g;
+        let positions = g.rows.out * g.cols.out;
+        for (c, dst) in scaled.chunks_mut(positions).enumerate() {
+            let (a, grad) = (self.scale[c], &grad[c * positions..][..positions]);
+            if self.relu {
+                let y = &y[c * positions..][..positions];
+                for ((d, &g), &y) in dst.iter_mut().zip(grad).zip(y) {
+                    *d = if y > T::zero() { g * a } else { T::zero() };
+                }
+            } else {
+                for (d, &g) in dst.iter_mut().zip(grad) {
+                    *d = g * a;
+                }
             }
         }
-        Ok(out)
+        let shape = (g.taps(), g.c_out, positions);
+        // SAFETY: the destination holds `taps x positions` entries (the input plane itself when the
+        // convolution is pointwise); the weight is `[c_out, taps]`, read transposed.
+        unsafe {
+            if g.is_pointwise() {
+                matmul(out.as_mut_ptr(), Write::Overwrite, self.weight, Operand::Transposed, scaled, Operand::RowMajor, shape, threads);
+            } else {
+                matmul(windows.as_mut_ptr(), Write::Overwrite, self.weight, Operand::Transposed, scaled, Operand::RowMajor, shape, threads);
+            }
+        }
+        if !g.is_pointwise() {
+            g.scatter_add_sample(out, windows);
+        }
     }
 }
 
@@ -397,15 +409,6 @@ impl CustomOp2 for ConvBnEvalInputGrad {
         };
         let g = self.geometry;
         Ok((out, Shape::from((g.b, g.c_in, g.rows.n, g.cols.n))))
-    }
-}
-
-/// gemm's threads: candle's count, looked up once (candle reads it from /proc and /sys per call).
-fn parallelism() -> gemm::Parallelism {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    match *THREADS.get_or_init(candle_core::utils::get_num_threads) {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
     }
 }
 

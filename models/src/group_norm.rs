@@ -10,9 +10,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 use crate::ops::contiguous_slice;
+use crate::parallel::for_each_chunk_init;
 
 /// `silu?((x - mean_g) / sqrt(var_g + eps) * scale + shift)` for `x` of shape `[n, c, ...]`, statistics
 /// per sample and group of `c / groups` channels (over those channels and every position), `scale`
@@ -116,10 +116,8 @@ impl GroupNormAffine {
         let scale = self.scale.flatten_all()?.to_vec1::<T>()?;
         let shift = self.shift.flatten_all()?.to_vec1::<T>()?;
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(per_group)
-            .zip(x.par_chunks(per_group))
-            .enumerate()
-            .for_each(|(ng, (out, x))| {
+        for_each_chunk_init(&mut out, per_group, || (), |_, ng, out| {
+                let x = &x[ng * per_group..][..per_group];
                 let (mean, rstd) = self.stats(x);
                 let first_channel = ng * (c / self.groups); // sample * c + channel
                 for (i, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
@@ -145,10 +143,8 @@ impl GroupNormAffine {
         let scale = self.scale.flatten_all()?.to_vec1::<T>()?;
         let shift = self.shift.flatten_all()?.to_vec1::<T>()?;
         let mut out = vec![T::zero(); x.len()];
-        out.par_chunks_mut(per_group)
-            .zip(x.par_chunks(per_group).zip(grad.par_chunks(per_group)))
-            .enumerate()
-            .for_each(|(ng, (out, (x, grad)))| {
+        for_each_chunk_init(&mut out, per_group, || (), |_, ng, out| {
+                let (x, grad) = (&x[ng * per_group..][..per_group], &grad[ng * per_group..][..per_group]);
                 let (mean, rstd) = self.stats(x);
                 let first_channel = ng * (c / self.groups);
                 // d (the gradient at the normalized value) into `out`, and its two group means.

@@ -7,4 +7,6 @@ pub mod conv_bn;
 pub mod group_norm;
 pub mod inception;
 pub mod ops;
+mod matmul;
+mod parallel;
 pub mod resnet;

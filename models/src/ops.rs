@@ -132,6 +132,21 @@ pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, op: &str, 
     }
 }
 
+/// Calls `f` with a CPU tensor's elements in place (no copy), for the custom ops that read their
+/// constant operands (a layer's weight) while running; `op` and `what` name them in the error.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    what: &str,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        bail!("{op}: {what} must be on the CPU")
+    };
+    Ok(f(contiguous_slice(cpu.as_slice::<T>()?, layout, op, what)?))
+}
+
 /// CPU max pooling (f32/f64) as a candle custom op, so it gets its own backward.
 struct MaxPool2dCpu {
     kernel: usize,
