@@ -802,6 +802,45 @@ impl Geometry {
         })
     }
 
+    /// A stride-1 convolution's adjoint as a forward convolution: its output gradient `[c_out, oh,
+    /// ow]` convolved with [`Geometry::adjoint_kernel`] (padding `k - 1 - p`) is the input gradient
+    /// `[c_in, h, w]`, one sample at a time. `None` for other strides, or padding past `k - 1`.
+    pub(crate) fn stride_one_adjoint(&self) -> Option<Geometry> {
+        let axis = |a: AxisGeometry| {
+            (a.stride == 1 && a.padding < a.k).then(|| AxisGeometry {
+                n: a.out,
+                k: a.k,
+                out: a.n,
+                stride: 1,
+                padding: a.k - 1 - a.padding,
+            })
+        };
+        Some(Geometry {
+            b: 1,
+            c_in: self.c_out,
+            c_out: self.c_in,
+            rows: axis(self.rows)?,
+            cols: axis(self.cols)?,
+        })
+    }
+
+    /// The kernel of [`Geometry::stride_one_adjoint`], `[c_in, c_out, kh, kw]`: `weight`
+    /// (`[c_out, c_in, kh, kw]`) with its channel axes swapped and both spatial axes flipped.
+    pub(crate) fn adjoint_kernel<T: Copy + Default>(&self, weight: &[T]) -> Vec<T> {
+        let (kh, kw) = (self.rows.k, self.cols.k);
+        let mut out = vec![T::default(); weight.len()];
+        for co in 0..self.c_out {
+            for ci in 0..self.c_in {
+                let src = &weight[(co * self.c_in + ci) * kh * kw..][..kh * kw];
+                let dst = &mut out[(ci * self.c_out + co) * kh * kw..][..kh * kw];
+                for (d, &v) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = v;
+                }
+            }
+        }
+        out
+    }
+
     /// [`Geometry::scatter_add_plane`] for every channel of one sample, on the calling thread.
     pub(crate) fn scatter_add_sample<T: Copy + std::ops::AddAssign>(&self, input: &mut [T], windows: &[T]) {
         let plane_windows = self.rows.k * self.cols.k * self.rows.out * self.cols.out;

@@ -13,6 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Ten
 
 use crate::ops::contiguous_slice;
 use crate::parallel::for_each_chunk_init;
+use crate::vector::{silu_f32, with_avx2};
 
 /// `silu?((x - mean_g) / sqrt(var_g + eps) * scale + shift)` for `x` of shape `[n, c, ...]`, statistics
 /// per sample and group of `c / groups` channels (over those channels and every position), `scale`
@@ -79,18 +80,60 @@ struct GroupNormAffine {
     silu: bool,
 }
 
-/// f32 and f64, with SiLU in the type's own precision (the forward's per-element work).
+/// f32 and f64: the forward's per-element work in the type's own precision (f32 vectorized, with
+/// AVX2 where the CPU has it), the statistics in f64.
 trait Float: WithDType + std::ops::Mul<Output = Self> + std::ops::Add<Output = Self> {
-    fn silu(self) -> Self;
+    /// `out = silu?(x * a + b)`.
+    fn affine(out: &mut [Self], x: &[Self], a: Self, b: Self, silu: bool);
+
+    /// Mean and variance (the mean squared deviation) of `x`, in f64.
+    fn mean_var(x: &[Self]) -> (f64, f64) {
+        let count = x.len().max(1) as f64;
+        let mean = lane_sum(x, |v| v.to_f64()) / count;
+        (mean, lane_sum(x, |v| (v.to_f64() - mean).powi(2)) / count)
+    }
 }
+
+/// `sum f(x_i)` in f64 over eight interleaved partial sums (which the compiler can vectorize; one
+/// running sum is a chain of dependent additions).
+#[inline(always)]
+fn lane_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder().iter().map(|&v| f(v)).sum::<f64>();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
+}
+
 impl Float for f32 {
-    fn silu(self) -> Self {
-        self / (1.0 + (-self).exp())
+    fn affine(out: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
+        if silu {
+            with_avx2!(affine_silu_avx2, (out: &mut [f32], x: &[f32], a: f32, b: f32), {
+                out.iter_mut().zip(x).for_each(|(o, &v)| *o = silu_f32(v * a + b))
+            })
+        } else {
+            out.iter_mut().zip(x).for_each(|(o, &v)| *o = v * a + b)
+        }
+    }
+
+    fn mean_var(x: &[f32]) -> (f64, f64) {
+        with_avx2!(mean_var_avx2, (x: &[f32]) -> (f64, f64), {
+            let count = x.len().max(1) as f64;
+            let mean = lane_sum(x, |v| v as f64) / count;
+            (mean, lane_sum(x, |v| (v as f64 - mean).powi(2)) / count)
+        })
     }
 }
 impl Float for f64 {
-    fn silu(self) -> Self {
-        self / (1.0 + (-self).exp())
+    fn affine(out: &mut [f64], x: &[f64], a: f64, b: f64, silu: bool) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let y = v * a + b;
+            *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+        }
     }
 }
 
@@ -101,9 +144,7 @@ fn sigmoid(v: f64) -> f64 {
 impl GroupNormAffine {
     /// Mean and `1 / sqrt(var + eps)` of one group's entries.
     fn stats<T: Float>(&self, x: &[T]) -> (f64, f64) {
-        let count = x.len().max(1) as f64;
-        let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / count;
-        let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / count;
+        let (mean, var) = T::mean_var(x);
         (mean, 1.0 / (var + self.eps).sqrt())
     }
 
@@ -124,11 +165,7 @@ impl GroupNormAffine {
                     let nc = first_channel + i;
                     let s = scale[nc].to_f64();
                     let (a, b) = (T::from_f64(s * rstd), T::from_f64(shift[nc].to_f64() - mean * rstd * s));
-                    if self.silu {
-                        out.iter_mut().zip(x).for_each(|(o, &v)| *o = (v * a + b).silu());
-                    } else {
-                        out.iter_mut().zip(x).for_each(|(o, &v)| *o = v * a + b);
-                    }
+                    T::affine(out, x, a, b, self.silu);
                 }
             });
         Ok(out)

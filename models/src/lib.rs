@@ -9,4 +9,5 @@ pub mod inception;
 pub mod ops;
 mod matmul;
 mod parallel;
+mod vector;
 pub mod resnet;
