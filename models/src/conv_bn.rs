@@ -517,7 +517,13 @@ impl CustomOp2 for ConvBnEval {
     }
 }
 
-/// `g * [y > 0]` for a gradient `g` and an output `y` of the same shape. CPU, f32/f64.
+/// `g * [y > 0]` for a gradient `g` and an output `y` of the same shape: PyTorch's ReLU gradient.
+/// CPU, f32/f64.
+pub(crate) fn relu_mask(g: &Tensor, y: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &ReluMask)
+}
+
+/// The op of [`relu_mask`].
 struct ReluMask;
 
 impl ReluMask {

@@ -11,3 +11,4 @@ mod matmul;
 mod parallel;
 mod vector;
 pub mod resnet;
+mod train_ops;

@@ -423,6 +423,14 @@ pub fn batch_norm_train(
     if n * h * w < 2 {
         bail!("batch norm in training mode needs more than one value per channel, got input of shape {:?}", x.dims())
     }
+    if crate::conv::uses_im2col(x) {
+        let stats = crate::train_ops::channel_mean_var(&x.detach())?;
+        let (mean, var) = (stats.get(0)?, stats.get(1)?);
+        let mean_f64: Vec<f64> = mean.to_dtype(DType::F64)?.to_vec1()?;
+        let inv_std = var.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        let y = crate::train_ops::normalize(x, weight, bias, mean_f64, inv_std)?;
+        return Ok((y, mean, var));
+    }
     let xd = x.detach();
     let mean = channel_mean(&xd)?;
     let centered = xd.broadcast_sub(&mean)?;

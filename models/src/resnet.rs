@@ -278,9 +278,12 @@ enum Then<'a> {
 fn conv_bn(conv: &Conv, bn: &BatchNorm, x: &Tensor, train: bool, then: Then) -> Result<Tensor> {
     if train {
         let y = bn.forward_train(&conv.forward_train(x)?)?;
+        let fused = crate::conv::uses_im2col(&y);
         return match then {
             Then::Nothing => Ok(y),
+            Then::Relu if fused => crate::train_ops::add_relu(&y, None),
             Then::Relu => y.relu(),
+            Then::AddRelu(shortcut) if fused => crate::train_ops::add_relu(&y, Some(shortcut)),
             Then::AddRelu(shortcut) => (y + shortcut)?.relu(),
         };
     }
