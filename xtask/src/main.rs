@@ -4,9 +4,9 @@
 //! - `fixtures [--full DIR]`: regenerate the committed parity fixtures from the reference packages
 //!   (and, with --full, the full-size random-weight checkpoints that are never committed).
 //! - `static`: build the `bigroc` binary statically linked (glibc, crt-static).
-//! - `bench [--only NAME] [--reps N] [--threads N] [--peak-gflops G]`: run each workload of the
-//!   performance issue (refine with the cifar and the imagenet ResNet-50, one guided sampling step,
-//!   one adversarial training step) in the PyTorch reference and in bigroc back to back, and print
+//! - `bench [--only NAME] [--reps N] [--rounds N] [--threads N] [--peak-gflops G]`: run each workload
+//!   of the performance issue (refine with the cifar and the imagenet ResNet-50, one guided sampling
+//!   step, one adversarial training step) in the PyTorch reference and in bigroc, alternately, and print
 //!   one markdown table: throughputs, their ratio, the FLOPs per unit of work (counted on the
 //!   reference side) and the GFLOP/s achieved (see `bench.rs`).
 //! - `cuda-build [--toolkit DIR] [--out DIR]`: build `--features cuda` without a GPU (nvcc from
@@ -46,6 +46,11 @@ enum Task {
         /// Timed repetitions per workload and side, after one warm-up (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Rounds per workload: PyTorch, then bigroc, repeated, each run a fresh process with its own
+        /// warm-up; each side reports the median over the rounds and the ratio is the median of the
+        /// rounds' ratios (on a shared machine whose speed drifts, alternating keeps the comparison fair).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Threads for both sides (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -142,8 +147,8 @@ fn main() -> Result<()> {
                 run(&mut cmd)?;
             }
         }
-        Task::Bench { reps, threads, only, device, peak_gflops } => {
-            bench::bench(&root, bench::Options { reps, threads, only, device, peak_gflops })?
+        Task::Bench { reps, rounds, threads, only, device, peak_gflops } => {
+            bench::bench(&root, bench::Options { reps, rounds, threads, only, device, peak_gflops })?
         }
         Task::Static { features } => {
             let mut cmd = Command::new(env!("CARGO"));
