@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use crate::conv::{conv2d_const_weight, uses_im2col, Geometry};
+use crate::direct_conv;
 use crate::matmul::{gemm_threads, matmul, Operand, Write};
 use crate::ops::{contiguous_slice, with_cpu_slice};
 use crate::parallel::{self, split_by_sample};
@@ -132,9 +133,11 @@ impl ConvBnEval {
             None => (None, None),
         };
         with_cpu_slice(&self.weight, "conv2d_bn_eval", "weight", |weight: &[T]| {
+            let direct = direct_conv::plan(&g, weight);
             let sample = SampleForward {
                 g,
                 weight,
+                direct: direct.as_deref(),
                 scale: scale.as_deref(),
                 shift: shift.as_deref(),
                 relu: self.relu,
@@ -144,13 +147,13 @@ impl ConvBnEval {
             let mut out: Vec<T> = Vec::with_capacity(g.b * sample_out);
             let dst = &mut out.spare_capacity_mut()[..g.b * sample_out];
             if split_by_sample(g.b) {
-                parallel::for_each_chunk(dst, sample_out, || sample.windows(), |windows, s, y| {
-                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, windows, gemm::Parallelism::None)
+                parallel::for_each_chunk(dst, sample_out, || sample.scratch(), |scratch, s, y| {
+                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, scratch, gemm::Parallelism::None)
                 });
             } else {
-                let mut windows = sample.windows();
+                let mut scratch = sample.scratch();
                 for (s, y) in dst.chunks_mut(sample_out).enumerate() {
-                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, &mut windows, gemm_threads());
+                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, &mut scratch, gemm_threads());
                 }
             }
             // SAFETY: `run` wrote every element of every sample's output.
@@ -195,19 +198,22 @@ impl ConvBnEval {
 struct SampleForward<'a, T> {
     g: Geometry,
     weight: &'a [T],
+    /// The packed kernel when the direct 3x3 convolution does this layer (see [`direct_conv`]).
+    direct: Option<&'a [f32]>,
     scale: Option<&'a [T]>,
     shift: Option<&'a [T]>,
     relu: bool,
 }
 
 impl<T: Float> SampleForward<'_, T> {
-    /// The window buffer of one sample (unused, empty, for a pointwise convolution).
-    fn windows(&self) -> Vec<T> {
+    /// One thread's scratch: the window buffer of one sample (empty for a pointwise convolution or
+    /// the direct kernel), and the direct kernel's padded input.
+    fn scratch(&self) -> (Vec<T>, Vec<f32>) {
         let g = self.g;
-        if g.is_pointwise() {
-            Vec::new()
+        if g.is_pointwise() || self.direct.is_some() {
+            (Vec::new(), Vec::new())
         } else {
-            vec![T::zero(); g.taps() * g.rows.out * g.cols.out]
+            (vec![T::zero(); g.taps() * g.rows.out * g.cols.out], Vec::new())
         }
     }
 
@@ -217,19 +223,25 @@ impl<T: Float> SampleForward<'_, T> {
         x: &[T],
         residual: Option<&[T]>,
         y: &mut [MaybeUninit<T>],
-        windows: &mut [T],
+        (windows, padded): &mut (Vec<T>, Vec<f32>),
         threads: gemm::Parallelism,
     ) {
         let g = self.g;
         let positions = g.rows.out * g.cols.out;
-        let windows: &[T] = if g.is_pointwise() {
-            x
+        if let Some(packed) = self.direct {
+            // SAFETY: `direct` is only set for f32, so `T` is f32.
+            let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) };
+            let x = direct_conv::as_f32(x).expect("direct 3x3 convolution of f32");
+            direct_conv::conv3x3(x, packed, y, padded, (g.c_in, g.c_out, g.rows.n, g.cols.n));
         } else {
-            g.gather_sample(windows, x);
-            windows
-        };
-        // SAFETY: `y` holds `c_out x positions` entries, all of which gemm writes (without reading).
-        unsafe {
+            let windows: &[T] = if g.is_pointwise() {
+                x
+            } else {
+                g.gather_sample(windows, x);
+                windows
+            };
+            // SAFETY: `y` holds `c_out x positions` entries, all of which gemm writes (without reading).
+            unsafe {
             matmul(
                 y.as_mut_ptr() as *mut T,
                 Write::Overwrite,
@@ -240,7 +252,8 @@ impl<T: Float> SampleForward<'_, T> {
                 (g.c_out, g.taps(), positions),
                 threads,
             )
-        };
+            };
+        }
         // SAFETY: initialized just above.
         let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [T]) };
         if self.scale.is_none() && residual.is_none() && !self.relu {
@@ -309,32 +322,36 @@ impl ConvBnEvalInputGrad {
         let adjoint = if g.is_pointwise() { None } else { g.stride_one_adjoint() };
         with_cpu_slice(&self.weight, "conv2d_bn_eval", "weight", |weight: &[T]| {
             let adjoint_weight = adjoint.map(|_| g.adjoint_kernel(weight));
+            let adjoint = adjoint.zip(adjoint_weight.as_deref());
+            let direct = adjoint.and_then(|(a, w)| direct_conv::plan(&a, w));
             let sample = SampleInputGrad {
                 g,
                 weight,
-                adjoint: adjoint.zip(adjoint_weight.as_deref()),
+                adjoint,
+                direct: direct.as_deref(),
                 scale: &scale,
                 relu: self.relu,
             };
             let scratch = || {
                 let windows = match adjoint {
-                    Some(a) => vec![T::zero(); a.taps() * a.rows.out * a.cols.out],
+                    _ if direct.is_some() => Vec::new(),
+                    Some((a, _)) => vec![T::zero(); a.taps() * a.rows.out * a.cols.out],
                     None if g.is_pointwise() => Vec::new(),
                     None => vec![T::zero(); g.taps() * positions],
                 };
-                (vec![T::zero(); sample_out], windows)
+                (vec![T::zero(); sample_out], windows, Vec::new())
             };
             let y = |s: usize| if self.relu { &y[s * sample_out..][..sample_out] } else { &[][..] };
             let grad = |s: usize| &grad[s * sample_out..][..sample_out];
             let mut out = vec![T::zero(); g.b * sample_in];
             if split_by_sample(g.b) {
-                parallel::for_each_chunk_init(&mut out, sample_in, scratch, |(scaled, windows), s, out| {
-                    sample.run(grad(s), y(s), out, scaled, windows, gemm::Parallelism::None)
+                parallel::for_each_chunk_init(&mut out, sample_in, scratch, |scratch, s, out| {
+                    sample.run(grad(s), y(s), out, scratch, gemm::Parallelism::None)
                 });
             } else {
-                let (mut scaled, mut windows) = scratch();
+                let mut scratch = scratch();
                 for (s, out) in out.chunks_mut(sample_in).enumerate() {
-                    sample.run(grad(s), y(s), out, &mut scaled, &mut windows, gemm_threads());
+                    sample.run(grad(s), y(s), out, &mut scratch, gemm_threads());
                 }
             }
             out
@@ -350,6 +367,8 @@ struct SampleInputGrad<'a, T> {
     /// its kernel (see [`Geometry::stride_one_adjoint`]): a gather instead of col2im's scatter-add of
     /// a 9x larger buffer.
     adjoint: Option<(Geometry, &'a [T])>,
+    /// The adjoint's packed kernel when the direct 3x3 convolution does it (see [`direct_conv`]).
+    direct: Option<&'a [f32]>,
     scale: &'a [T],
     relu: bool,
 }
@@ -364,8 +383,7 @@ impl<T: Float> SampleInputGrad<'_, T> {
         grad: &[T],
         y: &[T],
         out: &mut [T],
-        scaled: &mut [T],
-        windows: &mut [T],
+        (scaled, windows, padded): &mut (Vec<T>, Vec<T>, Vec<f32>),
         threads: gemm::Parallelism,
     ) {
         let g = self.g;
@@ -382,6 +400,13 @@ impl<T: Float> SampleInputGrad<'_, T> {
                     *d = g * a;
                 }
             }
+        }
+        if let Some(packed) = self.direct {
+            let scaled = direct_conv::as_f32(scaled).expect("direct 3x3 convolution of f32");
+            // SAFETY: `direct` is only set for f32, so `T` is f32.
+            let out = unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<f32>]) };
+            direct_conv::conv3x3(scaled, packed, out, padded, (g.c_out, g.c_in, g.rows.n, g.cols.n));
+            return;
         }
         if let Some((adjoint, kernel)) = self.adjoint {
             adjoint.gather_sample(windows, scaled);
@@ -637,6 +662,32 @@ mod tests {
     }
 
     /// Shapes that do not fit are refused with the shape at fault.
+    /// f32 on shapes the direct 3x3 kernel takes (maps 8, 16 and 32 wide; forward and, through the
+    /// adjoint, the input gradient) against the composed ops in f64.
+    #[test]
+    fn direct_kernel_shapes_match_composed_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        for (c_in, c_out, hw) in [(3, 8, 32), (8, 4, 16), (4, 8, 8)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c_in, hw, hw), &dev)?)?;
+            let w = Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &dev)?;
+            let scale = Tensor::randn(0f32, 1., c_out, &dev)?;
+            let shift = Tensor::randn(0f32, 1., c_out, &dev)?;
+            let g = Tensor::randn(0f32, 1., (2, c_out, hw, hw), &dev)?;
+            let y = conv2d_bn_eval(x.as_tensor(), &w, &scale, &shift, None, true, 1, 1)?;
+            let gx = (&y * &g)?.sum_all()?.backward()?.get(x.as_tensor()).expect("input gradient").clone();
+            let x64 = Var::from_tensor(&x.to_dtype(candle_core::DType::F64)?)?;
+            let f64_of = |t: &Tensor| t.to_dtype(candle_core::DType::F64);
+            let y64 = composed(x64.as_tensor(), &f64_of(&w)?, &f64_of(&scale)?, &f64_of(&shift)?, None, true, 1, 1)?;
+            let gx64 = (&y64 * f64_of(&g)?)?.sum_all()?.backward()?.get(x64.as_tensor()).expect("input gradient").clone();
+            for (name, ours, exact) in [("output", y, y64), ("input gradient", gx, gx64)] {
+                let err = (f64_of(&ours)? - &exact)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                let size = exact.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err <= 1e-5 * size, "{c_in}->{c_out} {hw}x{hw} {name}: {err} (max {size})");
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn rejects_mismatched_shapes() -> Result<()> {
         let dev = Device::Cpu;

@@ -7,6 +7,7 @@ pub mod conv_bn;
 pub mod group_norm;
 pub mod inception;
 pub mod ops;
+mod direct_conv;
 mod matmul;
 mod parallel;
 mod vector;

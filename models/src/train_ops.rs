@@ -159,7 +159,7 @@ impl CustomOp3 for Normalize {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -172,7 +172,9 @@ impl CustomOp3 for Normalize {
         let grad_x = packed.narrow(0, 0, numel)?.reshape(x.dims())?;
         let grad_weight = packed.narrow(0, numel, c)?;
         let grad_bias = packed.narrow(0, numel + c, c)?;
-        Ok((Some(grad_x), Some(grad_weight), Some(grad_bias)))
+        // Gradients only for the operands that track them (a frozen weight gets none).
+        let tracked = |t: Tensor, operand: &Tensor| operand.track_op().then_some(t);
+        Ok((tracked(grad_x, x), tracked(grad_weight, weight), tracked(grad_bias, bias)))
     }
 }
 
