@@ -8,10 +8,12 @@
 //!
 //! [`conv2d_const_weight`] skips the kernel gradient and computes the input gradient as the adjoint of
 //! the convolution:
-//! * on CPU in f32/f64, the way PyTorch does: one gemm gives every output position's contributions to
-//!   its window (`W^T g`, the forward's multiply-adds whatever the stride), and col2im adds them into
-//!   the input positions the window covers. The forward is the mirror image (im2col, then one gemm per
-//!   sample), 1.5-2.5x faster than candle 0.11's tiled CPU `conv2d` in `examples/conv_timing.rs`;
+//! * on CPU in f32/f64, one sample at a time (`conv_bn.rs`): for stride 1 the adjoint is a
+//!   convolution of the output gradient with the flipped, channel-swapped kernel (the direct 3x3
+//!   kernel of `direct_conv.rs`, or a gather and a gemm); otherwise, the way PyTorch does, one gemm
+//!   gives every output position's contributions to its window (`W^T g`) and col2im adds them into
+//!   the input positions the window covers. The forward is im2col and one gemm per sample (or the
+//!   direct kernel);
 //! * elsewhere (CUDA, half precision) with candle's own forward `conv2d` only: the output gradient,
 //!   spread out with `s - 1` zeros between neighbours for stride `s`, convolved with the weight flipped
 //!   in both spatial dimensions and with in/out channels swapped, padded by `k - 1 - p` (plus one more

@@ -8,9 +8,10 @@
 //! and again in the backward (with temporaries for the ReLU mask), and the convolution's output is
 //! copied once more into the graph; on CPU that was as much time as the convolutions' gemms.
 //!
-//! On CPU in f32/f64 the forward runs inside the op, one sample at a time: im2col, a gemm written
-//! straight into the output, then scale, shift, residual and ReLU applied while the sample is in
-//! cache. The backward likewise: `g * [y > 0] * scale`, `W^T` times it, col2im (and `g * [y > 0]` for
+//! On CPU in f32/f64 the forward runs inside the op, one sample at a time (whole samples per thread,
+//! see [`crate::parallel`]): im2col and a gemm written straight into the output (or, for 3x3
+//! stride-1 layers in f32, [`crate::direct_conv`]'s kernel), then scale, shift, residual and ReLU
+//! applied while the sample is in cache. The backward likewise: `g * [y > 0] * scale`, `W^T` times it, col2im (and `g * [y > 0]` for
 //! the residual). The ReLU passes the gradient where its
 //! output is positive, as PyTorch's does (candle's own ReLU also passes it at exactly zero). Other
 //! devices and dtypes compose the same arithmetic from candle ops.
@@ -181,15 +182,14 @@ impl ConvBnEval {
         } else {
             (grad, self.relu)
         };
-        let grad_x = grad.apply_op2_no_bwd(
-            y,
-            &ConvBnEvalInputGrad {
-                geometry: self.geometry,
-                weight: self.weight.clone(),
-                scale: self.affine.as_ref().map(|(scale, _)| scale.clone()),
-                relu,
-            },
-        )?;
+        let op = ConvBnEvalInputGrad {
+            geometry: self.geometry,
+            weight: self.weight.clone(),
+            scale: self.affine.as_ref().map(|(scale, _)| scale.clone()),
+            relu,
+        };
+        // The output is only read to mask by the ReLU.
+        let grad_x = if relu { grad.apply_op2_no_bwd(y, &op)? } else { grad.apply_op1_no_bwd(&op)? };
         Ok((grad_x, has_residual.then_some(grad)))
     }
 }
@@ -281,14 +281,11 @@ impl<T: Float> SampleForward<'_, T> {
 }
 
 /// The input gradient of `conv2d(x, weight)` for an `x` of `geometry`'s shape given the output's
-/// gradient `grad`, one sample at a time: `W^T` times the sample's gradient (each output position's
-/// window contributions, written by gemm straight into the input gradient for a pointwise
-/// convolution), then col2im. CPU, f32/f64.
+/// gradient `grad`, one sample at a time (see [`ConvBnEvalInputGrad`] for how). CPU, f32/f64.
 pub(crate) fn conv2d_input_grad_per_sample(grad: &Tensor, weight: &Tensor, geometry: Geometry) -> Result<Tensor> {
     let grad = grad.contiguous()?;
     let op = ConvBnEvalInputGrad { geometry, weight: weight.detach().contiguous()?, scale: None, relu: false };
-    // Without the ReLU the op's second operand (the output it masks by) is never read.
-    grad.apply_op2_no_bwd(&grad, &op)
+    grad.apply_op1_no_bwd(&op)
 }
 
 /// `conv2d(x, weight)` for `x` of `geometry`'s shape, one sample at a time (im2col, then gemm straight
@@ -300,8 +297,11 @@ pub(crate) fn conv2d_per_sample(x: &Tensor, weight: &Tensor, geometry: Geometry)
 
 /// The input gradient of [`ConvBnEval`] given the output's gradient `g` and the output `y`: the
 /// convolution's adjoint applied to `g * [y > 0] * scale` (without the mask when `relu` is false),
-/// one sample at a time: scaled gradient, `W^T` times it (each output position's window
-/// contributions), col2im into the sample's input gradient.
+/// one sample at a time. For stride 1 the adjoint is itself a convolution of the scaled gradient
+/// (flipped, channel-swapped kernel): the direct 3x3 kernel where it applies, else a gather and a
+/// gemm. Otherwise `W^T` times the scaled gradient gives each output position's window
+/// contributions (written straight into the input gradient for a pointwise convolution), which
+/// col2im adds into the input positions.
 struct ConvBnEvalInputGrad {
     geometry: Geometry,
     weight: Tensor,
@@ -434,6 +434,33 @@ impl<T: Float> SampleInputGrad<'_, T> {
     }
 }
 
+impl ConvBnEvalInputGrad {
+    fn output_shape(&self) -> Shape {
+        let g = self.geometry;
+        Shape::from((g.b, g.c_in, g.rows.n, g.cols.n))
+    }
+}
+
+/// Without the ReLU: the output's gradient alone.
+impl CustomOp1 for ConvBnEvalInputGrad {
+    fn name(&self) -> &'static str {
+        "conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, lg: &Layout) -> Result<(CpuStorage, Shape)> {
+        if self.relu {
+            bail!("conv2d_bn_eval: the ReLU's input gradient needs the output")
+        }
+        let out = match g {
+            CpuStorage::F32(g) => CpuStorage::F32(self.run(contiguous(g, lg, "gradient")?, &[])?),
+            CpuStorage::F64(g) => CpuStorage::F64(self.run(contiguous(g, lg, "gradient")?, &[])?),
+            other => bail!("conv2d_bn_eval: unsupported gradient dtype {:?}", other.dtype()),
+        };
+        Ok((out, self.output_shape()))
+    }
+}
+
+/// With the ReLU: the output's gradient and the output (to mask by).
 impl CustomOp2 for ConvBnEvalInputGrad {
     fn name(&self) -> &'static str {
         "conv2d-bn-eval-input-grad"
@@ -459,8 +486,7 @@ impl CustomOp2 for ConvBnEvalInputGrad {
                 y.dtype()
             ),
         };
-        let g = self.geometry;
-        Ok((out, Shape::from((g.b, g.c_in, g.rows.n, g.cols.n))))
+        Ok((out, self.output_shape()))
     }
 }
 
