@@ -358,9 +358,9 @@ pub(crate) fn uses_im2col(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
-/// Largest window buffer (`[n, c_in * kh * kw, oh * ow]`) im2col and col2im allocate at once, in
-/// elements: the batch goes through in chunks of this size (at least one sample) to bound the extra
-/// memory, `kh * kw` times the input's for stride 1.
+/// Largest window buffer of the kernel gradient (`[c_in * kh * kw, n * oh * ow]`, per thread on CPU),
+/// in elements: the batch goes through in chunks of at most this size (at least one sample) to bound
+/// the extra memory, `kh * kw` times the input's for stride 1.
 const WINDOW_BUDGET: usize = 1 << 25;
 
 /// Samples per chunk of at most `budget` window elements.
