@@ -271,7 +271,7 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
             .zip(&our_runs)
             .filter_map(|(r, s)| Some(seconds(r)? / seconds(s)?))
             .collect();
-        rows.push((w, combine(reference_runs), combine(our_runs), median(ratios)));
+        rows.push((w, combine(reference_runs), combine(our_runs), ratios));
     }
 
     let torch = rows.iter().find_map(|(_, r, _, _)| r.as_ref().ok()?["torch"].as_str().map(String::from));
@@ -286,7 +286,14 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
     let mut failed = Vec::new();
     for (w, reference, ours, ratio) in &rows {
         let (rs, os) = (seconds(reference), seconds(ours));
-        let ratio = ratio.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
+        // The median, then every round's ratio when there were several.
+        let ratio = match median(ratio.clone()) {
+            Some(m) if ratio.len() > 1 => {
+                format!("{m:.2} ({})", ratio.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", "))
+            }
+            Some(m) => format!("{m:.2}"),
+            None => "-".into(),
+        };
         let gflop = reference.as_ref().ok().and_then(|v| v["flops"].as_f64()).filter(|f| *f > 0.0).map(|f| f / 1e9);
         let unit = if w.images.is_some() { "batch" } else { "step" };
         let (gflop_cell, ref_rate, our_rate, our_pct) = match gflop {
@@ -314,7 +321,7 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
         "Units: img/s (higher is better) for the refine and training rows, s/step (lower is better) for the guided \
          sampling step; the ratio is PyTorch's time over bigroc's for the same unit of work. {} alternating rounds \
          (PyTorch, then bigroc, each a fresh process: one warm-up run, then the median of {} timed runs); each side's \
-         figure is its median over the rounds, the ratio the median of the rounds' ratios. Both sides ran with {threads} \
+         figure is its median over the rounds, the ratio the median of the rounds' ratios (each round's in brackets). Both sides ran with {threads} \
          threads on the same shapes and, where the reference ran, the same weights.",
         o.rounds, o.reps
     );
