@@ -11,8 +11,10 @@
 #[path = "../benches/support/guided_step.rs"]
 mod guided_step;
 
+#[path = "../benches/support/timing.rs"]
+mod timing;
+
 use std::path::Path;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -32,15 +34,7 @@ fn main() -> Result<()> {
         guided_step::step(&s)?.sum_all()?.to_scalar::<f32>()?; // wait for the device
         Ok(())
     };
-    run()?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        run()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = timing::median_seconds(reps, run)?;
     println!(
         "{}",
         serde_json::json!({"seconds": median, "batch": batch, "threads": candle_core::utils::get_num_threads(),

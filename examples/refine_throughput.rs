@@ -8,7 +8,8 @@
 //! reference runs), or `random:cifar50` / `random:imagenet50` for a ResNet-50 with freshly
 //! initialized weights (when the reference, and so its weights files, are not available).
 
-use std::time::Instant;
+#[path = "../benches/support/timing.rs"]
+mod timing;
 
 use anyhow::{bail, Context, Result};
 use bigroc::classifier::{Classifier, ClassifierInfo};
@@ -51,15 +52,7 @@ fn main() -> Result<()> {
         out.images.sum_all()?.to_scalar::<f32>()?; // wait for the device
         Ok(())
     };
-    run()?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        run()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = timing::median_seconds(reps, run)?;
     println!(
         "{}",
         serde_json::json!({"seconds": median, "img_per_s": batch as f64 / median, "batch": batch, "size": size,

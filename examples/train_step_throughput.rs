@@ -12,7 +12,9 @@
 //! training across the runs; the batch (default 128) is random 32x32 images with random labels.
 //! One warm-up step, then the median of REPS (default 3).
 
-use std::time::Instant;
+
+#[path = "../benches/support/timing.rs"]
+mod timing;
 
 use anyhow::Result;
 use bigroc::classifier::Classifier;
@@ -37,22 +39,14 @@ fn main() -> Result<()> {
     let x = Tensor::rand(0f32, 1f32, (batch, 3, 32, 32), &device)?;
     let y = Tensor::rand(0f32, config.num_classes as f32, batch, &device)?.floor()?.to_dtype(DType::U32)?;
 
-    let mut run = || -> Result<()> {
+    let run = || -> Result<()> {
         let adv = net.attack(&x, &y, Some(&attack))?;
         let (_, loss) = net.loss(&adv, &y)?;
         opt.step(&loss.backward()?, 0.1)?;
         loss.to_scalar::<f32>()?; // wait for the device (as the trainer does, for its log)
         Ok(())
     };
-    run()?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        run()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = timing::median_seconds(reps, run)?;
     println!(
         "{}",
         serde_json::json!({"seconds": median, "img_per_s": batch as f64 / median, "batch": batch,
