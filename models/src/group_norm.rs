@@ -9,7 +9,7 @@
 //! the variance is the mean squared deviation (PyTorch's `group_norm`, biased).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use crate::ops::contiguous_slice;
 use crate::parallel::for_each_chunk_init;
@@ -148,74 +148,78 @@ impl GroupNormAffine {
         (mean, 1.0 / (var + self.eps).sqrt())
     }
 
-    /// Runs `f(sample, channel, group's mean, group's rstd, x plane, out plane)` over every
-    /// (sample, group) in parallel, one channel plane at a time.
-    fn forward<T: Float>(&self, x: &[T], dims: &[usize]) -> Result<Vec<T>> {
-        let (n, c) = (dims[0], dims[1]);
-        let plane = x.len() / (n * c).max(1);
-        let per_group = c / self.groups * plane;
+    /// Entries per channel plane and per (sample, group) of an input with `dims`, and the affine's
+    /// per-(sample, channel) scale and shift.
+    fn layout<T: Float>(&self, dims: &[usize]) -> Result<(usize, usize, Vec<T>, Vec<T>)> {
+        let plane = dims[2..].iter().product::<usize>();
+        let per_group = dims[1] / self.groups * plane;
         let scale = self.scale.flatten_all()?.to_vec1::<T>()?;
         let shift = self.shift.flatten_all()?.to_vec1::<T>()?;
+        Ok((plane, per_group, scale, shift))
+    }
+
+    /// One (sample, group) per task: its statistics, then `silu?(x * a + b)` per channel plane with
+    /// the normalization and the affine folded into `a`, `b`.
+    fn forward<T: Float>(&self, x: &[T], dims: &[usize]) -> Result<Vec<T>> {
+        let (plane, per_group, scale, shift) = self.layout::<T>(dims)?;
+        let channels = dims[1] / self.groups;
         let mut out = vec![T::zero(); x.len()];
         for_each_chunk_init(&mut out, per_group, || (), |_, ng, out| {
-                let x = &x[ng * per_group..][..per_group];
-                let (mean, rstd) = self.stats(x);
-                let first_channel = ng * (c / self.groups); // sample * c + channel
-                for (i, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
-                    let nc = first_channel + i;
-                    let s = scale[nc].to_f64();
-                    let (a, b) = (T::from_f64(s * rstd), T::from_f64(shift[nc].to_f64() - mean * rstd * s));
-                    T::affine(out, x, a, b, self.silu);
-                }
-            });
+            let x = &x[ng * per_group..][..per_group];
+            let (mean, rstd) = self.stats(x);
+            let first_channel = ng * channels; // sample * c + channel
+            for (i, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+                let nc = first_channel + i;
+                let s = scale[nc].to_f64();
+                let (a, b) = (T::from_f64(s * rstd), T::from_f64(shift[nc].to_f64() - mean * rstd * s));
+                T::affine(out, x, a, b, self.silu);
+            }
+        });
         Ok(out)
     }
 
     /// `dx = rstd * (d - mean(d) - xhat * mean(d * xhat))` per group, with `d = dpre * scale` and
     /// `dpre` the gradient at the affine's output (through the SiLU's derivative when there is one).
     fn backward<T: Float>(&self, x: &[T], grad: &[T], dims: &[usize]) -> Result<Vec<T>> {
-        let (n, c) = (dims[0], dims[1]);
-        let plane = x.len() / (n * c).max(1);
-        let per_group = c / self.groups * plane;
-        let scale = self.scale.flatten_all()?.to_vec1::<T>()?;
-        let shift = self.shift.flatten_all()?.to_vec1::<T>()?;
+        let (plane, per_group, scale, shift) = self.layout::<T>(dims)?;
+        let channels = dims[1] / self.groups;
         let mut out = vec![T::zero(); x.len()];
         for_each_chunk_init(&mut out, per_group, || (), |_, ng, out| {
-                let (x, grad) = (&x[ng * per_group..][..per_group], &grad[ng * per_group..][..per_group]);
-                let (mean, rstd) = self.stats(x);
-                let first_channel = ng * (c / self.groups);
-                // d (the gradient at the normalized value) into `out`, and its two group means.
-                let (mut sum_d, mut sum_d_xhat) = (0.0, 0.0);
-                for (i, ((out, x), grad)) in out.chunks_mut(plane).zip(x.chunks(plane)).zip(grad.chunks(plane)).enumerate() {
-                    let nc = first_channel + i;
-                    let (s, t) = (scale[nc].to_f64(), shift[nc].to_f64());
-                    for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
-                        let xhat = (v.to_f64() - mean) * rstd;
-                        let mut dpre = g.to_f64();
-                        if self.silu {
-                            let sig = sigmoid(xhat * s + t);
-                            let pre = xhat * s + t;
-                            dpre *= sig * (1.0 + pre * (1.0 - sig));
-                        }
-                        let d = dpre * s;
-                        sum_d += d;
-                        sum_d_xhat += d * xhat;
-                        *o = T::from_f64(d);
-                    }
-                }
-                let count = x.len().max(1) as f64;
-                let (mean_d, mean_d_xhat) = (sum_d / count, sum_d_xhat / count);
-                for (o, &v) in out.iter_mut().zip(x) {
+            let (x, grad) = (&x[ng * per_group..][..per_group], &grad[ng * per_group..][..per_group]);
+            let (mean, rstd) = self.stats(x);
+            let first_channel = ng * channels;
+            // d (the gradient at the normalized value) into `out`, and its two group means.
+            let (mut sum_d, mut sum_d_xhat) = (0.0, 0.0);
+            for (i, ((out, x), grad)) in out.chunks_mut(plane).zip(x.chunks(plane)).zip(grad.chunks(plane)).enumerate() {
+                let nc = first_channel + i;
+                let (s, t) = (scale[nc].to_f64(), shift[nc].to_f64());
+                for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
                     let xhat = (v.to_f64() - mean) * rstd;
-                    *o = T::from_f64(rstd * (o.to_f64() - mean_d - xhat * mean_d_xhat));
+                    let mut dpre = g.to_f64();
+                    if self.silu {
+                        let sig = sigmoid(xhat * s + t);
+                        let pre = xhat * s + t;
+                        dpre *= sig * (1.0 + pre * (1.0 - sig));
+                    }
+                    let d = dpre * s;
+                    sum_d += d;
+                    sum_d_xhat += d * xhat;
+                    *o = T::from_f64(d);
                 }
-            });
+            }
+            let count = x.len().max(1) as f64;
+            let (mean_d, mean_d_xhat) = (sum_d / count, sum_d_xhat / count);
+            for (o, &v) in out.iter_mut().zip(x) {
+                let xhat = (v.to_f64() - mean) * rstd;
+                *o = T::from_f64(rstd * (o.to_f64() - mean_d - xhat * mean_d_xhat));
+            }
+        });
         Ok(out)
     }
 }
 
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    contiguous_slice(v, layout, "group_norm_affine", "the input")
+fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    contiguous_slice(v, layout, "group_norm_affine", what)
 }
 
 impl CustomOp1 for GroupNormAffine {
@@ -225,41 +229,38 @@ impl CustomOp1 for GroupNormAffine {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = match x {
-            CpuStorage::F32(v) => CpuStorage::F32(self.forward(contiguous(v, l)?, l.dims())?),
-            CpuStorage::F64(v) => CpuStorage::F64(self.forward(contiguous(v, l)?, l.dims())?),
+            CpuStorage::F32(v) => CpuStorage::F32(self.forward(contiguous(v, l, "the input")?, l.dims())?),
+            CpuStorage::F64(v) => CpuStorage::F64(self.forward(contiguous(v, l, "the input")?, l.dims())?),
             other => bail!("group_norm_affine: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let grad = grad.contiguous()?;
-        let op = GroupNormAffineGrad { forward: self, grad };
-        Ok(Some(x.apply_op1_no_bwd(&op)?))
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GroupNormAffineGrad { forward: self })?))
     }
 }
 
-/// The input gradient of [`GroupNormAffine`], as an op on its input `x` carrying the output's
-/// gradient.
+/// The input gradient of [`GroupNormAffine`], from its input `x` and the output's gradient.
 struct GroupNormAffineGrad<'a> {
     forward: &'a GroupNormAffine,
-    grad: Tensor,
 }
 
-impl CustomOp1 for GroupNormAffineGrad<'_> {
+impl CustomOp2 for GroupNormAffineGrad<'_> {
     fn name(&self) -> &'static str {
         "group-norm-affine-grad"
     }
 
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, gl) = self.grad.storage_and_layout();
-        let candle_core::Storage::Cpu(g) = &*g else { bail!("group_norm_affine: gradient not on the CPU") };
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if l.dims() != gl.dims() {
+            bail!("group_norm_affine: input {:?} and gradient {:?} differ in shape", l.dims(), gl.dims())
+        }
         let out = match (x, g) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(self.forward.backward(contiguous(x, l)?, contiguous(g, gl)?, l.dims())?)
+                CpuStorage::F32(self.forward.backward(contiguous(x, l, "the input")?, contiguous(g, gl, "the gradient")?, l.dims())?)
             }
             (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(self.forward.backward(contiguous(x, l)?, contiguous(g, gl)?, l.dims())?)
+                CpuStorage::F64(self.forward.backward(contiguous(x, l, "the input")?, contiguous(g, gl, "the gradient")?, l.dims())?)
             }
             _ => bail!("group_norm_affine: unsupported dtypes {:?}, {:?}", x.dtype(), g.dtype()),
         };
