@@ -18,7 +18,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
+    bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor,
 };
 use rayon::prelude::*;
 
@@ -26,6 +26,7 @@ use std::mem::MaybeUninit;
 
 use crate::conv::{conv2d_const_weight, uses_im2col, Geometry};
 use crate::direct_conv;
+use crate::vector::CpuFloat;
 use crate::matmul::{gemm_threads, matmul, Operand, Write};
 use crate::ops::{contiguous_slice, with_cpu_slice};
 use crate::parallel::{self, split_by_sample};
@@ -127,7 +128,7 @@ impl ConvBnEval {
     /// stay in cache between the gather and the gemm, and its output between the gemm and the
     /// epilogue. Whole samples go to the threads when there are enough of them (see
     /// [`crate::parallel`]); a smaller batch runs its samples in turn with gemm's own threads.
-    fn forward<T: Float>(&self, x: &[T], residual: Option<&[T]>) -> Result<Vec<T>> {
+    fn forward<T: CpuFloat>(&self, x: &[T], residual: Option<&[T]>) -> Result<Vec<T>> {
         let g = self.geometry;
         let (scale, shift) = match &self.affine {
             Some((scale, shift)) => (Some(scale.to_vec1::<T>()?), Some(shift.to_vec1::<T>()?)),
@@ -205,7 +206,7 @@ struct SampleForward<'a, T> {
     relu: bool,
 }
 
-impl<T: Float> SampleForward<'_, T> {
+impl<T: CpuFloat> SampleForward<'_, T> {
     /// One thread's scratch: the window buffer of one sample (empty for a pointwise convolution or
     /// the direct kernel), and the direct kernel's padded input.
     fn scratch(&self) -> (Vec<T>, Vec<f32>) {
@@ -311,7 +312,7 @@ struct ConvBnEvalInputGrad {
 }
 
 impl ConvBnEvalInputGrad {
-    fn run<T: Float>(&self, grad: &[T], y: &[T]) -> Result<Vec<T>> {
+    fn run<T: CpuFloat>(&self, grad: &[T], y: &[T]) -> Result<Vec<T>> {
         let g = self.geometry;
         let positions = g.rows.out * g.cols.out;
         let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * positions);
@@ -373,7 +374,7 @@ struct SampleInputGrad<'a, T> {
     relu: bool,
 }
 
-impl<T: Float> SampleInputGrad<'_, T> {
+impl<T: CpuFloat> SampleInputGrad<'_, T> {
     /// Adds the sample's input gradient into `out` (zeros on entry) given its output gradient `grad`
     /// and output `y` (empty without the ReLU); `scaled` (`[c_out, positions]`) and `windows`
     /// (`[taps, positions]`, the adjoint's windows with one, empty for a pointwise convolution) are
@@ -490,18 +491,6 @@ impl CustomOp2 for ConvBnEvalInputGrad {
     }
 }
 
-/// f32 and f64, the dtypes the CPU path handles.
-trait Float: WithDType + Default {
-    fn relu(self) -> Self {
-        if self > Self::zero() {
-            self
-        } else {
-            Self::zero()
-        }
-    }
-}
-impl Float for f32 {}
-impl Float for f64 {}
 
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
     contiguous_slice(v, layout, "conv2d_bn_eval", what)
@@ -578,7 +567,7 @@ pub(crate) fn relu_mask(g: &Tensor, y: &Tensor) -> Result<Tensor> {
 struct ReluMask;
 
 impl ReluMask {
-    fn run<T: Float>(g: &[T], y: &[T]) -> Vec<T> {
+    fn run<T: CpuFloat>(g: &[T], y: &[T]) -> Vec<T> {
         g.par_iter()
             .zip(y.par_iter())
             .map(|(&g, &y)| if y > T::zero() { g } else { T::zero() })

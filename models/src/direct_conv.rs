@@ -27,8 +27,7 @@ pub(crate) fn supports(c_out: usize, h: usize, w: usize) -> bool {
         c_out % TILE_CHANNELS == 0
             && h > 0
             && (w % 16 == 0 || (w == 8 && h % 2 == 0))
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
+            && crate::vector::has_avx2_fma()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

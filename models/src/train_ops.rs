@@ -12,15 +12,11 @@
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::ops::contiguous_slice;
 use crate::parallel::{for_each_chunk, for_each_chunk_init};
-
-/// f32 and f64.
-pub(crate) trait Float: WithDType + Default + std::ops::AddAssign {}
-impl Float for f32 {}
-impl Float for f64 {}
+use crate::vector::CpuFloat;
 
 /// Shape of an `[n, c, h, w]` activation as batch norm sees it.
 #[derive(Clone, Copy)]
@@ -39,7 +35,7 @@ impl Planes {
 
     /// `sum over (sample, position) of f(x, other)` for channel `c` in f64, with `other` an array of
     /// the same shape (or `x` again).
-    fn channel_sum<T: Float>(&self, c: usize, x: &[T], other: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
+    fn channel_sum<T: CpuFloat>(&self, c: usize, x: &[T], other: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
         let mut lanes = [0f64; 4];
         for s in 0..self.n {
             let at = (s * self.c + c) * self.plane;
@@ -60,7 +56,7 @@ pub(crate) fn channel_mean_var(x: &Tensor) -> Result<Tensor> {
 struct MeanVar;
 
 impl MeanVar {
-    fn run<T: Float>(x: &[T], p: Planes) -> Vec<T> {
+    fn run<T: CpuFloat>(x: &[T], p: Planes) -> Vec<T> {
         let count = (p.n * p.plane) as f64;
         let mut means = vec![0f64; p.c];
         for_each_chunk_init(&mut means, 1, || (), |_, c, mean| mean[0] = p.channel_sum(c, x, x, |v, _| v) / count);
@@ -101,7 +97,7 @@ struct Normalize {
 }
 
 impl Normalize {
-    fn forward<T: Float>(&self, x: &[T], weight: &[T], bias: &[T], p: Planes) -> Vec<T> {
+    fn forward<T: CpuFloat>(&self, x: &[T], weight: &[T], bias: &[T], p: Planes) -> Vec<T> {
         // y = x * a + b per channel.
         let (a, b): (Vec<T>, Vec<T>) = (0..p.c)
             .map(|c| {
@@ -187,7 +183,7 @@ struct NormalizeBackward {
 }
 
 impl NormalizeBackward {
-    fn run<T: Float>(&self, x: &[T], g: &[T], p: Planes) -> Vec<T> {
+    fn run<T: CpuFloat>(&self, x: &[T], g: &[T], p: Planes) -> Vec<T> {
         let numel = x.len();
         let m = (p.n * p.plane) as f64;
         let mut out = vec![T::zero(); numel + 2 * p.c];
@@ -266,23 +262,14 @@ fn sample_len(layout: &Layout) -> usize {
 
 impl AddRelu {
     /// `relu(x + r?)` one sample (`chunk` entries) per task.
-    fn run<T: Float>(x: &[T], r: Option<&[T]>, chunk: usize) -> Vec<T> {
+    fn run<T: CpuFloat>(x: &[T], r: Option<&[T]>, chunk: usize) -> Vec<T> {
         let mut out = vec![T::zero(); x.len()];
         for_each_chunk_init(&mut out, chunk, || (), |_, i, y| {
             let at = i * chunk;
             let x = &x[at..][..y.len()];
             match r {
-                Some(r) => {
-                    for ((y, &x), &r) in y.iter_mut().zip(x).zip(&r[at..]) {
-                        let v = x + r;
-                        *y = if v > T::zero() { v } else { T::zero() };
-                    }
-                }
-                None => {
-                    for (y, &x) in y.iter_mut().zip(x) {
-                        *y = if x > T::zero() { x } else { T::zero() };
-                    }
-                }
+                Some(r) => y.iter_mut().zip(x).zip(&r[at..]).for_each(|((y, &x), &r)| *y = (x + r).relu()),
+                None => y.iter_mut().zip(x).for_each(|(y, &x)| *y = x.relu()),
             }
         });
         out

@@ -2,6 +2,31 @@
 //! AVX2 when the CPU has it (the binary itself targets baseline x86-64, so that it runs anywhere;
 //! gemm dispatches the same way).
 
+/// f32 and f64, the dtypes the CPU kernels handle.
+pub(crate) trait CpuFloat: candle_core::WithDType + Default + std::ops::AddAssign {
+    fn relu(self) -> Self {
+        if self > Self::zero() {
+            self
+        } else {
+            Self::zero()
+        }
+    }
+}
+impl CpuFloat for f32 {}
+impl CpuFloat for f64 {}
+
+/// Whether this CPU has AVX2 and FMA (the features the vectorized kernels are compiled for).
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `e^x` in f32 without a libm call, so that a loop of it vectorizes: `x = n ln 2 + r` with
 /// `|r| <= ln 2 / 2`, a degree-6 polynomial for `e^r` (the Cephes `expf` coefficients), and `2^n` put
 /// into the exponent bits. Within 2 ulp of `f32::exp` on `[-87, 88]`; inputs beyond are clamped
@@ -47,7 +72,7 @@ macro_rules! with_avx2 {
         {
             #[target_feature(enable = "avx2,fma")]
             fn $name($($arg: $ty),*) -> $ret { $body }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if $crate::vector::has_avx2_fma() {
                 // SAFETY: the features the function was compiled for are present.
                 unsafe { $name($($arg),*) }
             } else {
