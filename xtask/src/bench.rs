@@ -24,6 +24,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::cargo;
+
 /// 2 cores x 2.45 GHz x 32 f32 FLOP per cycle (two AVX2 FMA units, 8 lanes, 2 FLOPs each).
 pub const DEFAULT_CPU_PEAK_GFLOPS: f64 = 157.0;
 
@@ -62,23 +64,6 @@ const WORKLOADS: [Workload; 4] = [
         weights_from_reference: false,
     },
 ];
-
-/// A cargo command without the package variables `cargo run` gave this process (CARGO_PKG_NAME
-/// and the like): build scripts that declare `rerun-if-env-changed` on them (ring's does) would
-/// otherwise rebuild now, and again at the next plain cargo command.
-fn cargo() -> Command {
-    let mut cmd = Command::new(env!("CARGO"));
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&k.as_ref())
-        {
-            cmd.env_remove(k.as_ref());
-        }
-    }
-    cmd
-}
 
 /// The reference interpreter: $BIGROC_PYTHON, else .venv/bin/python; None when neither is there.
 fn reference_python(root: &Path) -> Option<PathBuf> {

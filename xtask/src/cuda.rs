@@ -62,19 +62,7 @@ pub fn cuda_build(root: &Path, opts: Options) -> Result<()> {
 
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(std::iter::once(cuda_home.join("bin")).chain(std::env::split_paths(&path)))?;
-    let mut cmd = Command::new(env!("CARGO"));
-    // `cargo xtask` runs us with the xtask package's CARGO_MANIFEST_DIR, CARGO_PKG_* etc.; a build
-    // script that watches one of them (ring's does) would otherwise rebuild between a plain
-    // `cargo build` and this one, and everything above it with it (about 12 minutes on 2 cores).
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_MANIFEST_")
-            || key.starts_with("CARGO_PKG_")
-            || ["CARGO_CRATE_NAME", "CARGO_BIN_NAME", "CARGO_PRIMARY_PACKAGE"].contains(&key.as_ref())
-        {
-            cmd.env_remove(key.as_ref());
-        }
-    }
+    let mut cmd = crate::cargo();
     cmd.args(["build", "--release", "-p", "bigroc", "--features", "cuda", "--bin", "bigroc"])
         .args(opts.examples.iter().flat_map(|e| ["--example", e.as_str()]))
         .args(opts.benches.iter().flat_map(|b| ["--bench", b.as_str()]))
