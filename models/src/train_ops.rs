@@ -34,17 +34,19 @@ impl Planes {
     }
 
     /// `sum over (sample, position) of f(x, other)` for channel `c` in f64, with `other` an array of
-    /// the same shape (or `x` again).
-    fn channel_sum<T: CpuFloat>(&self, c: usize, x: &[T], other: &[T], f: impl Fn(f64, f64) -> f64) -> f64 {
-        let mut lanes = [0f64; 4];
+    /// the same shape (or `x` again): two sums in one pass, `f` giving both terms.
+    fn channel_sums<T: CpuFloat>(&self, c: usize, x: &[T], other: &[T], f: impl Fn(f64, f64) -> [f64; 2]) -> [f64; 2] {
+        let mut lanes = [[0f64; 2]; 4];
         for s in 0..self.n {
             let at = (s * self.c + c) * self.plane;
             let (x, o) = (&x[at..][..self.plane], &other[at..][..self.plane]);
             for (i, (&x, &o)) in x.iter().zip(o).enumerate() {
-                lanes[i % 4] += f(x.to_f64(), o.to_f64());
+                let [a, b] = f(x.to_f64(), o.to_f64());
+                lanes[i % 4][0] += a;
+                lanes[i % 4][1] += b;
             }
         }
-        lanes.iter().sum()
+        lanes.iter().fold([0.0, 0.0], |[a, b], [x, y]| [a + x, b + y])
     }
 }
 
@@ -59,11 +61,11 @@ impl MeanVar {
     fn run<T: CpuFloat>(x: &[T], p: Planes) -> Vec<T> {
         let count = (p.n * p.plane) as f64;
         let mut means = vec![0f64; p.c];
-        for_each_chunk_init(&mut means, 1, || (), |_, c, mean| mean[0] = p.channel_sum(c, x, x, |v, _| v) / count);
+        for_each_chunk_init(&mut means, 1, || (), |_, c, mean| mean[0] = p.channel_sums(c, x, x, |v, _| [v, 0.0])[0] / count);
         let mut vars = vec![0f64; p.c];
         for_each_chunk_init(&mut vars, 1, || (), |_, c, var| {
             let mean = means[c];
-            var[0] = p.channel_sum(c, x, x, |v, _| (v - mean) * (v - mean)) / count
+            var[0] = p.channel_sums(c, x, x, |v, _| [(v - mean) * (v - mean), 0.0])[0] / count
         });
         means.iter().chain(&vars).map(|&v| T::from_f64(v)).collect()
     }
@@ -189,11 +191,16 @@ impl NormalizeBackward {
         let mut out = vec![T::zero(); numel + 2 * p.c];
         let (dx, sums) = out.split_at_mut(numel);
         let (dweight, dbias) = sums.split_at_mut(p.c);
-        for_each_chunk_init(dbias, 1, || (), |_, c, db| db[0] = T::from_f64(p.channel_sum(c, x, g, |_, g| g)));
-        for_each_chunk_init(dweight, 1, || (), |_, c, dw| {
+        // Per channel, in one pass: sum g (d bias) and sum g * x_hat (d weight).
+        let mut sums = vec![0f64; 2 * p.c];
+        for_each_chunk_init(&mut sums, 2, || (), |_, c, pair| {
             let (mean, inv_std) = (self.mean[c], self.inv_std[c]);
-            dw[0] = T::from_f64(p.channel_sum(c, x, g, |x, g| g * (x - mean) * inv_std))
+            pair.copy_from_slice(&p.channel_sums(c, x, g, |x, g| [g, g * (x - mean) * inv_std]));
         });
+        for (c, pair) in sums.chunks(2).enumerate() {
+            dbias[c] = T::from_f64(pair[0]);
+            dweight[c] = T::from_f64(pair[1]);
+        }
         // d x = g * a + (x - mean) * slope + shift, per channel.
         let coefficients: Vec<(T, T, T, T)> = (0..p.c)
             .map(|c| {
