@@ -2,7 +2,7 @@
 //! and in bigroc back to back (same thread count, same shapes, same weights), printed as one
 //! markdown table with throughputs, their ratio and the achieved GFLOP/s. The two sides alternate
 //! (`--rounds`, default 3: PyTorch, bigroc, PyTorch, ...), because this machine's speed drifts by
-//! 10-30% over minutes (PyTorch's training step measured 42.8, 39.4 and 30.0 img/s within an hour):
+//! 10-30% over minutes (PyTorch's training step measured 39.4 and 30.0 img/s 25 minutes apart):
 //! each side reports its median over the rounds, and the ratio is the median of the rounds' ratios.
 //!
 //! | row | reference script | bigroc side |
