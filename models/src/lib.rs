@@ -12,4 +12,5 @@ mod matmul;
 mod parallel;
 mod vector;
 pub mod resnet;
+pub mod softmax;
 mod train_ops;

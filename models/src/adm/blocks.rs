@@ -52,15 +52,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Softmax over the last dimension, computed in f32 and returned in the input's dtype (the
-/// reference's `softmax(w.float()).type(w.dtype)`). The max shift is detached: it is a constant
-/// for the softmax, so leaving it out of the graph only drops a zero gradient term.
+/// reference's `softmax(w.float()).type(w.dtype)`): one fused op on the CPU.
 pub fn softmax_f32(x: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let num = x.broadcast_sub(&max)?.exp()?;
-    let den = num.sum_keepdim(D::Minus1)?;
-    num.broadcast_div(&den)?.to_dtype(dtype)
+    crate::softmax::softmax_last_dim(x)
 }
 
 /// `log_softmax` over the last dimension (same max-shift treatment as [`softmax_f32`]).
@@ -246,27 +240,49 @@ pub fn linear_f32(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linea
     candle_nn::linear(in_dim, out_dim, vb.to_dtype(DType::F32))
 }
 
-/// A kernel-size-1 `Conv1d` over (N, C, T): the same per-position linear map, done as a batched
-/// matmul. Weight shape (out, in, 1) as in the checkpoints.
+/// A kernel-size-1 `Conv1d` over (N, C, T): the same per-position linear map. Weight shape (out,
+/// in, 1) as in the checkpoints. Frozen, it runs as a 1x1 [`Conv2d`] over (N, C, T, 1): one gemm per
+/// sample on the CPU kernels' threads, bias (and residual) added in place; trained, as a batched
+/// matmul.
 #[derive(Debug, Clone)]
 pub struct PointwiseConv1d {
-    weight: Tensor,
-    bias: Tensor,
+    conv: Conv2d,
 }
 
 impl PointwiseConv1d {
     pub fn new(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get((out_ch, in_ch, 1), "weight")?.squeeze(2)?;
-        let bias = vb.get(out_ch, "bias")?.reshape((1, out_ch, 1))?;
-        Ok(Self { weight, bias })
+        let weight = vb.get((out_ch, in_ch, 1), "weight")?.unsqueeze(3)?;
+        let bias = vb.get(out_ch, "bias")?.reshape((1, out_ch, 1, 1))?;
+        Ok(Self { conv: Conv2d { weight, bias, stride: 1, padding: 0 } })
+    }
+
+    /// `conv(x) + residual`, the residual added in place when the layer is frozen.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Some(residual))
+    }
+
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let Conv2d { weight, bias, .. } = &self.conv;
+        if weight.track_op() || bias.track_op() {
+            let y = weight
+                .squeeze(3)?
+                .squeeze(2)?
+                .broadcast_matmul(&x.to_dtype(weight.dtype())?)?
+                .broadcast_add(&bias.squeeze(3)?)?;
+            return match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            };
+        }
+        let x = x.to_dtype(weight.dtype())?.unsqueeze(3)?;
+        let residual = residual.map(|r| r.unsqueeze(3)).transpose()?;
+        self.conv.forward_with(&x, residual.as_ref())?.squeeze(3)
     }
 }
 
 impl Module for PointwiseConv1d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.weight
-            .broadcast_matmul(&x.to_dtype(self.weight.dtype())?)?
-            .broadcast_add(&self.bias)
+        self.forward_with(x, None)
     }
 }
 
@@ -361,8 +377,7 @@ impl Module for AttentionBlock {
         let x = x.reshape((b, c, ()))?;
         let qkv = self.qkv.forward(&self.norm.forward(&x)?)?;
         let h = qkv_attention(&qkv, self.num_heads, self.order)?;
-        let h = self.proj_out.forward(&h)?;
-        (x + h)?.reshape(dims.as_slice())
+        self.proj_out.forward_add(&h, &x)?.reshape(dims.as_slice())
     }
 }
 
