@@ -82,13 +82,19 @@ pub(crate) fn conv3x3(
 ) {
     assert!(supports(c_out, h, w), "conv3x3: unsupported shape");
     assert!(x.len() == c_in * h * w && y.len() == c_out * h * w && packed.len() == c_out * c_in * 9);
-    // Zero border of one entry on every side; rows `w + 2` long.
+    // Zero border of one entry on every side; rows `w + 2` long. Every entry is written (the
+    // scratch is reused between calls), the borders without a separate zeroing pass.
     let (ph, pw) = (h + 2, w + 2);
-    padded.clear();
     padded.resize(c_in * ph * pw, 0.0);
-    for ci in 0..c_in {
-        for r in 0..h {
-            padded[(ci * ph + r + 1) * pw + 1..][..w].copy_from_slice(&x[(ci * h + r) * w..][..w]);
+    for (plane, x) in padded[..c_in * ph * pw].chunks_exact_mut(ph * pw).zip(x.chunks_exact(h * w)) {
+        let (top, rest) = plane.split_at_mut(pw);
+        let (rows, bottom) = rest.split_at_mut(h * pw);
+        top.fill(0.0);
+        bottom.fill(0.0);
+        for (row, x) in rows.chunks_exact_mut(pw).zip(x.chunks_exact(w)) {
+            row[0] = 0.0;
+            row[1..=w].copy_from_slice(x);
+            row[w + 1] = 0.0;
         }
     }
     #[cfg(target_arch = "x86_64")]

@@ -8,11 +8,13 @@
 //! is two forward (statistics, then output) and three backward. Statistics are accumulated in f64 and
 //! the variance is the mean squared deviation (PyTorch's `group_norm`, biased).
 
+use std::mem::MaybeUninit;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
 use crate::ops::contiguous_slice;
-use crate::parallel::for_each_chunk_init;
+use crate::parallel::{for_each_chunk, for_each_chunk_init};
 use crate::vector::{silu_f32, with_avx2};
 
 /// `silu?((x - mean_g) / sqrt(var_g + eps) * scale + shift)` for `x` of shape `[n, c, ...]`, statistics
@@ -84,7 +86,7 @@ struct GroupNormAffine {
 /// AVX2 where the CPU has it), the statistics in f64.
 trait Float: WithDType + std::ops::Mul<Output = Self> + std::ops::Add<Output = Self> {
     /// `out = silu?(x * a + b)`.
-    fn affine(out: &mut [Self], x: &[Self], a: Self, b: Self, silu: bool);
+    fn affine(out: &mut [MaybeUninit<Self>], x: &[Self], a: Self, b: Self, silu: bool);
 
     /// Mean and variance (the mean squared deviation) of `x`, in f64.
     fn mean_var(x: &[Self]) -> (f64, f64) {
@@ -110,13 +112,13 @@ fn lane_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
 }
 
 impl Float for f32 {
-    fn affine(out: &mut [f32], x: &[f32], a: f32, b: f32, silu: bool) {
+    fn affine(out: &mut [MaybeUninit<f32>], x: &[f32], a: f32, b: f32, silu: bool) {
         if silu {
-            with_avx2!(affine_silu_avx2, (out: &mut [f32], x: &[f32], a: f32, b: f32), {
-                out.iter_mut().zip(x).for_each(|(o, &v)| *o = silu_f32(v * a + b))
+            with_avx2!(affine_silu_avx2, (out: &mut [MaybeUninit<f32>], x: &[f32], a: f32, b: f32), {
+                out.iter_mut().zip(x).for_each(|(o, &v)| *o = MaybeUninit::new(silu_f32(v * a + b)))
             })
         } else {
-            out.iter_mut().zip(x).for_each(|(o, &v)| *o = v * a + b)
+            out.iter_mut().zip(x).for_each(|(o, &v)| *o = MaybeUninit::new(v * a + b))
         }
     }
 
@@ -129,10 +131,10 @@ impl Float for f32 {
     }
 }
 impl Float for f64 {
-    fn affine(out: &mut [f64], x: &[f64], a: f64, b: f64, silu: bool) {
+    fn affine(out: &mut [MaybeUninit<f64>], x: &[f64], a: f64, b: f64, silu: bool) {
         for (o, &v) in out.iter_mut().zip(x) {
             let y = v * a + b;
-            *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+            *o = MaybeUninit::new(if silu { y / (1.0 + (-y).exp()) } else { y });
         }
     }
 }
@@ -163,8 +165,8 @@ impl GroupNormAffine {
     fn forward<T: Float>(&self, x: &[T], dims: &[usize]) -> Result<Vec<T>> {
         let (plane, per_group, scale, shift) = self.layout::<T>(dims)?;
         let channels = dims[1] / self.groups;
-        let mut out = vec![T::zero(); x.len()];
-        for_each_chunk_init(&mut out, per_group, || (), |_, ng, out| {
+        let mut out: Vec<T> = Vec::with_capacity(x.len());
+        for_each_chunk(&mut out.spare_capacity_mut()[..x.len()], per_group, || (), |_, ng, out| {
             let x = &x[ng * per_group..][..per_group];
             let (mean, rstd) = self.stats(x);
             let first_channel = ng * channels; // sample * c + channel
@@ -175,6 +177,8 @@ impl GroupNormAffine {
                 T::affine(out, x, a, b, self.silu);
             }
         });
+        // SAFETY: every group's chunk was written in full, plane by plane.
+        unsafe { out.set_len(x.len()) };
         Ok(out)
     }
 
