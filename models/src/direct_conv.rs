@@ -5,7 +5,9 @@
 //! only 32-64 multiply-adds, and gemm packs the 9x window buffer once more: 33-43 GFLOP/s on one core
 //! for 32 channels against 85-90 for 256. Here each output tile of 4 channels x 16 positions (two
 //! rows of 8 on an 8-wide map) lives in AVX registers while the kernel runs over input channels and
-//! taps, reading the zero-padded input rows in place: no window buffer at all.
+//! taps, reading the zero-padded input rows in place: no window buffer at all. Tiles are 6 output
+//! channels wide where the channel count allows (12 accumulators: FMA's latency of 4 cycles on 2
+//! units needs 8 in flight, and more leave slack for the loads), else 4.
 //!
 //! The same kernel gives the input gradient of such a convolution (its adjoint is a 3x3, stride-1,
 //! padding-1 convolution with the flipped, channel-swapped kernel).
@@ -16,15 +18,31 @@ use candle_core::{DType, WithDType};
 
 use crate::conv::Geometry;
 
-/// Output channels of one register tile: 4, each with two vectors of 8 positions, side by side on
-/// one row when the map is a multiple of 16 wide, else on two consecutive rows of a map 8 wide.
-const TILE_CHANNELS: usize = 4;
+/// The widths of the register tiles, in output channels: each with two vectors of 8 positions, side
+/// by side on one row when the map is a multiple of 16 wide, else on two consecutive rows of a map
+/// 8 wide.
+const WIDE_TILE: usize = 6;
+const NARROW_TILE: usize = 4;
+
+/// The blocks of output channels, `(first channel, width)`: as many [`WIDE_TILE`]s as leave a
+/// multiple of [`NARROW_TILE`], then narrow ones (any even count from 4 up splits this way).
+fn channel_blocks(c_out: usize) -> impl Iterator<Item = (usize, usize)> {
+    let wide = (0..=c_out / WIDE_TILE).rev().find(|&n| (c_out - n * WIDE_TILE) % NARROW_TILE == 0).unwrap_or(0);
+    let narrow = (c_out - wide * WIDE_TILE) / NARROW_TILE;
+    let widths = std::iter::repeat_n(WIDE_TILE, wide).chain(std::iter::repeat_n(NARROW_TILE, narrow));
+    widths.scan(0, |start, width| {
+        let block = (*start, width);
+        *start += width;
+        Some(block)
+    })
+}
 
 /// Whether [`conv3x3`] handles this shape on this CPU.
 pub(crate) fn supports(c_out: usize, h: usize, w: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        c_out % TILE_CHANNELS == 0
+        c_out % 2 == 0
+            && c_out >= NARROW_TILE
             && h > 0
             && (w % 16 == 0 || (w == 8 && h % 2 == 0))
             && crate::vector::has_avx2_fma()
@@ -54,16 +72,18 @@ pub(crate) fn as_f32<T: WithDType>(s: &[T]) -> Option<&[f32]> {
     (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
 }
 
-/// The kernel `[c_out, c_in, 3, 3]` regrouped for [`conv3x3`]: per tile of output channels,
-/// `[c_in, 3, 3, channels]`, so that the inner loop reads consecutive weights.
+/// The kernel `[c_out, c_in, 3, 3]` regrouped for [`conv3x3`]: per block of output channels (see
+/// [`channel_blocks`]), `[c_in, 3, 3, width]` starting at `first channel * c_in * 9`, so that the
+/// inner loop reads consecutive weights.
 pub(crate) fn pack_weight(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    let tile = TILE_CHANNELS;
     let mut packed = vec![0f32; weight.len()];
-    for co in 0..c_out {
-        let (block, lane) = (co / tile, co % tile);
-        for ci in 0..c_in {
-            for tap in 0..9 {
-                packed[((block * c_in + ci) * 9 + tap) * tile + lane] = weight[(co * c_in + ci) * 9 + tap];
+    for (start, width) in channel_blocks(c_out) {
+        let block = &mut packed[start * c_in * 9..][..width * c_in * 9];
+        for lane in 0..width {
+            for ci in 0..c_in {
+                for tap in 0..9 {
+                    block[(ci * 9 + tap) * width + lane] = weight[((start + lane) * c_in + ci) * 9 + tap];
+                }
             }
         }
     }
@@ -111,12 +131,12 @@ const BAND_FLOATS: usize = 32 * 1024;
 /// weights (32 x 9 x 4) then stay together in half of the 32 KB L1.
 const MAX_BLOCK_CHANNELS: usize = 32;
 
-/// Tiles of 4 output channels x 2 vectors of 8 positions (side by side, or one above the other on
-/// a map 8 wide).
+/// Tiles of 6 or 4 output channels x 2 vectors of 8 positions (side by side, or one above the
+/// other on a map 8 wide).
 ///
 /// Blocking: the input channels are summed in blocks of at most [`MAX_BLOCK_CHANNELS`], and the
 /// output rows split into bands whose input rows for one block (about 128 KB) stay in L2 while
-/// every block of output channels passes over them; each block's weights (at most 9 KB) then serve
+/// every block of output channels passes over them; each block's weights (at most 7 KB) then serve
 /// every tile of the band from L1. Without the channel blocks, 256 or more input channels on 16x16
 /// or 32x32 maps left bands of one row and weights read from L3 for one or two tiles each: 48-58
 /// GFLOP/s on one core against 70-98 for narrower layers (`direct_conv::timing`).
@@ -131,53 +151,94 @@ unsafe fn kernel(
     h: usize,
     w: usize,
 ) {
-    use std::arch::x86_64::*;
-    const CO: usize = TILE_CHANNELS;
-    let (ph, pw) = (h + 2, w + 2);
-    let (pad, wts, out) = (padded.as_ptr(), packed.as_ptr(), y.as_mut_ptr() as *mut f32);
-    // Where the second vector sits, in the padded input and in the output, and the tile's extent.
-    let (second_in, second_out, rows_per_tile, cols_per_tile) = if w % 16 == 0 { (8, 8, 1, 16) } else { (pw, w, 2, 8) };
+    let pw = w + 2;
+    let shape = Tiles::new(h, w);
     // Equal blocks of at most MAX_BLOCK_CHANNELS input channels.
     let block_channels = c_in.div_ceil(c_in.div_ceil(MAX_BLOCK_CHANNELS));
-    let band = (BAND_FLOATS / (block_channels * pw)).saturating_sub(2).max(rows_per_tile).min(h) / rows_per_tile * rows_per_tile;
+    let rows = shape.rows_per_tile;
+    let band = (BAND_FLOATS / (block_channels * pw)).saturating_sub(2).max(rows).min(h) / rows * rows;
+    let out = y.as_mut_ptr() as *mut f32;
     for band_start in (0..h).step_by(band) {
-        let band_end = (band_start + band).min(h);
+        let band_rows = band_start..(band_start + band).min(h);
         for ci_start in (0..c_in).step_by(block_channels) {
-            let ci_end = (ci_start + block_channels).min(c_in);
-            // The first block of input channels writes the output, later ones add to it.
-            let first = ci_start == 0;
-            for block in 0..c_out / CO {
-                let block_weights = wts.add(block * c_in * 9 * CO);
-                for r in (band_start..band_end).step_by(rows_per_tile) {
-                    for x0 in (0..w).step_by(cols_per_tile) {
-                        let dst = |c: usize| out.add(((block * CO + c) * h + r) * w + x0);
-                        let mut acc = [[_mm256_setzero_ps(); 2]; CO];
-                        if !first {
-                            for (c, row) in acc.iter_mut().enumerate() {
-                                *row = [_mm256_loadu_ps(dst(c)), _mm256_loadu_ps(dst(c).add(second_out))];
+            let channels = ci_start..(ci_start + block_channels).min(c_in);
+            for (co_start, width) in channel_blocks(c_out) {
+                let weights = packed.as_ptr().add(co_start * c_in * 9);
+                let out = out.add(co_start * h * w);
+                let (rows, channels) = (band_rows.clone(), channels.clone());
+                match width {
+                    WIDE_TILE => shape.block::<WIDE_TILE>(padded.as_ptr(), weights, out, rows, channels),
+                    _ => shape.block::<NARROW_TILE>(padded.as_ptr(), weights, out, rows, channels),
+                }
+            }
+        }
+    }
+}
+
+/// The tile layout for a map of `h x w`.
+#[cfg(target_arch = "x86_64")]
+struct Tiles {
+    h: usize,
+    w: usize,
+    /// Where a tile's second vector sits after its first, in the padded input and in the output.
+    second_in: usize,
+    second_out: usize,
+    rows_per_tile: usize,
+    cols_per_tile: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles {
+    fn new(h: usize, w: usize) -> Self {
+        let pw = w + 2;
+        let (second_in, second_out, rows_per_tile, cols_per_tile) = if w % 16 == 0 { (8, 8, 1, 16) } else { (pw, w, 2, 8) };
+        Self { h, w, second_in, second_out, rows_per_tile, cols_per_tile }
+    }
+
+    /// Every tile of one block of `CO` output channels on output `rows`, summing input `channels`:
+    /// written when they start at channel 0, added to the output otherwise. `weights` is the block's
+    /// packing, `out` its first channel's plane.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block<const CO: usize>(
+        &self,
+        padded: *const f32,
+        weights: *const f32,
+        out: *mut f32,
+        rows: std::ops::Range<usize>,
+        channels: std::ops::Range<usize>,
+    ) {
+        use std::arch::x86_64::*;
+        let Self { h, w, second_in, second_out, rows_per_tile, cols_per_tile } = *self;
+        let (ph, pw) = (h + 2, w + 2);
+        let first = channels.start == 0;
+        for r in rows.step_by(rows_per_tile) {
+            for x0 in (0..w).step_by(cols_per_tile) {
+                let dst = |c: usize| out.add((c * h + r) * w + x0);
+                let mut acc = [[_mm256_setzero_ps(); 2]; CO];
+                if !first {
+                    for (c, pair) in acc.iter_mut().enumerate() {
+                        *pair = [_mm256_loadu_ps(dst(c)), _mm256_loadu_ps(dst(c).add(second_out))];
+                    }
+                }
+                for ci in channels.clone() {
+                    let input_rows = padded.add((ci * ph + r) * pw + x0);
+                    let taps = weights.add(ci * 9 * CO);
+                    for i in 0..3 {
+                        for j in 0..3 {
+                            let src = input_rows.add(i * pw + j);
+                            let input = [_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(second_in))];
+                            let tap = taps.add((i * 3 + j) * CO);
+                            for (c, pair) in acc.iter_mut().enumerate() {
+                                let weight = _mm256_broadcast_ss(&*tap.add(c));
+                                pair[0] = _mm256_fmadd_ps(weight, input[0], pair[0]);
+                                pair[1] = _mm256_fmadd_ps(weight, input[1], pair[1]);
                             }
-                        }
-                        for ci in ci_start..ci_end {
-                            let rows = pad.add((ci * ph + r) * pw + x0);
-                            let taps = block_weights.add(ci * 9 * CO);
-                            for i in 0..3 {
-                                for j in 0..3 {
-                                    let src = rows.add(i * pw + j);
-                                    let input = [_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(second_in))];
-                                    let tap = taps.add((i * 3 + j) * CO);
-                                    for (c, row) in acc.iter_mut().enumerate() {
-                                        let weight = _mm256_broadcast_ss(&*tap.add(c));
-                                        row[0] = _mm256_fmadd_ps(weight, input[0], row[0]);
-                                        row[1] = _mm256_fmadd_ps(weight, input[1], row[1]);
-                                    }
-                                }
-                            }
-                        }
-                        for (c, row) in acc.iter().enumerate() {
-                            _mm256_storeu_ps(dst(c), row[0]);
-                            _mm256_storeu_ps(dst(c).add(second_out), row[1]);
                         }
                     }
+                }
+                for (c, pair) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(dst(c), pair[0]);
+                    _mm256_storeu_ps(dst(c).add(second_out), pair[1]);
                 }
             }
         }
@@ -188,10 +249,26 @@ unsafe fn kernel(
 mod tests {
     use super::*;
 
+    /// The channel blocks tile every even count from 4 exactly, wide blocks first.
+    #[test]
+    fn channel_blocks_cover_the_output_channels() {
+        for c_out in (4..=520).step_by(2) {
+            let blocks: Vec<_> = channel_blocks(c_out).collect();
+            let mut next = 0;
+            for &(start, width) in &blocks {
+                assert!(start == next && (width == WIDE_TILE || width == NARROW_TILE), "{c_out}: {blocks:?}");
+                next += width;
+            }
+            assert_eq!(next, c_out, "{c_out}: {blocks:?}");
+            assert!(blocks.windows(2).all(|b| b[0].1 >= b[1].1), "{c_out}: {blocks:?}");
+            assert!(blocks.iter().filter(|b| b.1 == NARROW_TILE).count() <= 2, "{c_out}: {blocks:?}");
+        }
+    }
+
     /// Against a naive convolution, for both tile shapes, a few channel counts and map sizes.
     #[test]
     fn matches_naive_convolution() {
-        for &(c_in, c_out, h, w) in &[(3, 8, 8, 8), (5, 4, 6, 16), (7, 16, 16, 32), (2, 8, 4, 8), (3, 4, 3, 48), (130, 8, 6, 16), (200, 4, 8, 8)] {
+        for &(c_in, c_out, h, w) in &[(3, 8, 8, 8), (5, 4, 6, 16), (7, 16, 16, 32), (2, 8, 4, 8), (3, 4, 3, 48), (130, 8, 6, 16), (200, 4, 8, 8), (3, 6, 4, 16), (9, 10, 8, 8), (70, 22, 2, 32)] {
             if !supports(c_out, h, w) {
                 eprintln!("skipping {c_in}x{c_out} {h}x{w}: no AVX2/FMA");
                 continue;
