@@ -3,11 +3,11 @@
 //! im2col + gemm does well when the output has many channels, but with 32 or 64 (a CIFAR ResNet's
 //! first stages, the embedded classifier's whole first half) every gathered window entry is used for
 //! only 32-64 multiply-adds, and gemm packs the 9x window buffer once more: 33-43 GFLOP/s on one core
-//! for 32 channels against 85-90 for 256. Here each output tile of 4 channels x 16 positions (two
-//! rows of 8 on an 8-wide map) lives in AVX registers while the kernel runs over input channels and
-//! taps, reading the zero-padded input rows in place: no window buffer at all. Tiles are 6 output
-//! channels wide where the channel count allows (12 accumulators: FMA's latency of 4 cycles on 2
-//! units needs 8 in flight, and more leave slack for the loads), else 4.
+//! for 32 channels against 85-90 for 256. Here each output tile of 6 (or 4) channels x 16 positions
+//! (two rows of 8 on an 8-wide map) lives in AVX registers while the kernel runs over input channels
+//! and taps, reading the zero-padded input rows in place: no window buffer at all. Six channels give
+//! 12 accumulators: FMA's latency of 4 cycles on 2 units needs 8 in flight, and more leave slack for
+//! the loads; blocks of 4 take what is left of the channel count.
 //!
 //! The same kernel gives the input gradient of such a convolution (its adjoint is a 3x3, stride-1,
 //! padding-1 convolution with the flipped, channel-swapped kernel).
