@@ -1,10 +1,10 @@
 //! Softmax over the last dimension as one CPU op, with its backward.
 //!
-//! Attention at 16x16 in the CIFAR-10 ADM weighs all 256 positions against each other per sample and
-//! head (4 heads): a 16 MB tensor for a batch of 16. From candle ops (max, subtract, exp, sum, divide) that is
-//! five passes over it, each allocating, and `exp` a libm call per element; here each row is read
-//! once from memory and its passes (max, exp, sum, scale) run while it sits in L1, with the
-//! polynomial [`exp_f32`].
+//! Attention at 16x16 in the CIFAR-10 ADM weighs all 256 positions against each other per sample
+//! and head (4 heads): a 16 MB tensor for a batch of 16. From candle ops (max, subtract, exp, sum,
+//! divide) that is five passes over it, each allocating, and `exp` a libm call per element; here
+//! each row is read once from memory and its passes (max, exp, sum, scale) run while it sits in L1,
+//! with the polynomial [`exp_f32`].
 
 use std::mem::MaybeUninit;
 
