@@ -15,7 +15,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result,
 
 use crate::ops::contiguous_slice;
 use crate::parallel::{for_each_chunk, for_each_chunk_init};
-use crate::vector::{silu_f32, with_avx2};
+use crate::vector::{lane_sum, silu_f32, with_avx2};
 
 /// `silu?((x - mean_g) / sqrt(var_g + eps) * scale + shift)` for `x` of shape `[n, c, ...]`, statistics
 /// per sample and group of `c / groups` channels (over those channels and every position), `scale`
@@ -94,21 +94,6 @@ trait Float: WithDType + std::ops::Mul<Output = Self> + std::ops::Add<Output = S
         let mean = lane_sum(x, |v| v.to_f64()) / count;
         (mean, lane_sum(x, |v| (v.to_f64() - mean).powi(2)) / count)
     }
-}
-
-/// `sum f(x_i)` in f64 over eight interleaved partial sums (which the compiler can vectorize; one
-/// running sum is a chain of dependent additions).
-#[inline(always)]
-fn lane_sum<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
-    let mut lanes = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder().iter().map(|&v| f(v)).sum::<f64>();
-    for chunk in chunks {
-        for (lane, &v) in lanes.iter_mut().zip(chunk) {
-            *lane += f(v);
-        }
-    }
-    lanes.iter().sum::<f64>() + rest
 }
 
 impl Float for f32 {

@@ -13,7 +13,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result,
 
 use crate::ops::contiguous_slice;
 use crate::parallel::{for_each_chunk, for_each_chunk_init};
-use crate::vector::{exp_f32, with_avx2};
+use crate::vector::{exp_f32, lane_sum, lane_sum_zip, with_avx2, LANES};
 
 /// `softmax(x)` over the last dimension, computed in f32 and returned in `x`'s dtype (the
 /// reference's `softmax(w.float()).type(w.dtype)`). CPU f32 runs the fused op; elsewhere candle ops.
@@ -38,10 +38,6 @@ fn composed(x: &Tensor) -> Result<Tensor> {
 
 struct Softmax;
 
-/// Lanes of the row reductions: floating-point sums only vectorize when written as independent
-/// partial sums (the compiler may not reorder them).
-const LANES: usize = 8;
-
 /// `y = e^(x - max x) / sum e^(x - max x)` for one row.
 fn softmax_row(y: &mut [MaybeUninit<f32>], x: &[f32]) {
     with_avx2!(softmax_row_avx2, (y: &mut [MaybeUninit<f32>], x: &[f32]), {
@@ -59,37 +55,16 @@ fn softmax_row(y: &mut [MaybeUninit<f32>], x: &[f32]) {
         }
         // SAFETY: every element was just written (`y` and `x` have the row's length).
         let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        let total = lane_sum(y);
+        let total = lane_sum(y, |v| v);
         let inv = 1.0 / total;
         y.iter_mut().for_each(|y| *y *= inv);
     })
 }
 
-/// The sum of `v` in [`LANES`] partial sums.
-#[inline(always)]
-fn lane_sum(v: &[f32]) -> f32 {
-    let mut sum = [0f32; LANES];
-    let mut chunks = v.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (s, &v) in sum.iter_mut().zip(chunk) {
-            *s += v;
-        }
-    }
-    sum.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-}
-
 /// `dx = y * (g - sum(g * y))` for one row.
 fn softmax_grad_row(dx: &mut [f32], y: &[f32], g: &[f32]) {
     with_avx2!(softmax_grad_row_avx2, (dx: &mut [f32], y: &[f32], g: &[f32]), {
-        let mut dot = [0f32; LANES];
-        let (mut y_chunks, mut g_chunks) = (y.chunks_exact(LANES), g.chunks_exact(LANES));
-        for (y, g) in (&mut y_chunks).zip(&mut g_chunks) {
-            for ((d, &y), &g) in dot.iter_mut().zip(y).zip(g) {
-                *d += y * g;
-            }
-        }
-        let tail: f32 = y_chunks.remainder().iter().zip(g_chunks.remainder()).map(|(y, g)| y * g).sum();
-        let dot = dot.iter().sum::<f32>() + tail;
+        let dot = lane_sum_zip(y, g, |y, g| y * g);
         for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
             *dx = y * (g - dot);
         }

@@ -2,6 +2,8 @@
 //! AVX2 when the CPU has it (the binary itself targets baseline x86-64, so that it runs anywhere;
 //! gemm dispatches the same way).
 
+use std::iter::Sum;
+
 /// f32 and f64, the dtypes the CPU kernels handle.
 pub(crate) trait CpuFloat: candle_core::WithDType + Default + std::ops::AddAssign {
     fn relu(self) -> Self {
@@ -60,6 +62,34 @@ pub(crate) fn silu_f32(x: f32) -> f32 {
     x / (1.0 + exp_f32(-x))
 }
 
+/// Lanes of the row reductions: a floating-point sum only vectorizes when written as independent
+/// partial sums (the compiler may not reorder additions).
+pub(crate) const LANES: usize = 8;
+
+/// `sum term(x_i)` in [`LANES`] interleaved partial sums: [`lane_sum_zip`] over one slice.
+#[inline(always)]
+pub(crate) fn lane_sum<T: Copy, A: CpuFloat + Sum>(x: &[T], term: impl Fn(T) -> A) -> A {
+    lane_sum_zip(x, x, |v, _| term(v))
+}
+
+/// `sum term(a_i, b_i)` over the first `min(a.len(), b.len())` pairs, accumulated in `A`: lane `j`
+/// sums the terms at `8k + j` in order, then the lanes are added in order and the tail (the last
+/// `len % 8` terms, summed in order) after them. One running sum would be a chain of dependent
+/// additions; eight lanes are one vector register of f32 (two of f64).
+#[inline(always)]
+pub(crate) fn lane_sum_zip<T: Copy, U: Copy, A: CpuFloat + Sum>(a: &[T], b: &[U], term: impl Fn(T, U) -> A) -> A {
+    let len = a.len().min(b.len());
+    let (a, b) = (a[..len].chunks_exact(LANES), b[..len].chunks_exact(LANES));
+    let tail = a.remainder().iter().zip(b.remainder()).map(|(&u, &v)| term(u, v)).sum::<A>();
+    let mut lanes = [A::default(); LANES];
+    for (a, b) in a.zip(b) {
+        for ((lane, &u), &v) in lanes.iter_mut().zip(a).zip(b) {
+            *lane += term(u, v);
+        }
+    }
+    lanes.iter().copied().sum::<A>() + tail
+}
+
 /// Calls `$body` (an expression) compiled twice: with AVX2 and FMA enabled when the CPU has them,
 /// else for the baseline target. `$name` names the AVX2 copy (a local function of the given
 /// arguments, returning `$ret`, unit if left out).
@@ -103,6 +133,35 @@ mod tests {
         assert!(worst <= 2, "{worst} ulp");
         assert_eq!(exp_f32(0.0), 1.0);
         assert!(exp_f32(-1000.0) > 0.0 && exp_f32(1000.0).is_finite());
+    }
+
+    /// The lane sums add in the order their doc states (callers' results depend on it bit for
+    /// bit), on values of mixed magnitude where another order rounds differently, for lengths with
+    /// no lanes, lanes and a tail, and lanes only.
+    #[test]
+    fn lane_sums_add_in_the_documented_order() {
+        for len in [0, 3, 8, 13, 24, 37] {
+            let a: Vec<f32> = (0..len).map(|i| ((i * 7919 % 23) as f32 - 11.0) * 10f32.powi(i as i32 % 9 - 4)).collect();
+            let b: Vec<f32> = (0..len).map(|i| ((i * 104_729 % 17) as f32 - 8.0) * 0.37).collect();
+            let full = len / LANES * LANES;
+            let mut lanes = [0f32; LANES];
+            for (i, (u, v)) in a[..full].iter().zip(&b).enumerate() {
+                lanes[i % LANES] += u * v;
+            }
+            let mut expected = -0.0f32;
+            for lane in lanes {
+                expected += lane;
+            }
+            let mut tail = -0.0f32;
+            for (u, v) in a[full..].iter().zip(&b[full..]) {
+                tail += u * v;
+            }
+            expected += tail;
+            assert_eq!(lane_sum_zip(&a, &b, |u, v| u * v).to_bits(), expected.to_bits(), "length {len}");
+            let sum = lane_sum(&a, |u| u as f64);
+            let expected: f64 = lane_sum_zip(&a, &a, |u, _| u as f64);
+            assert_eq!(sum.to_bits(), expected.to_bits(), "length {len}");
+        }
     }
 
     #[test]
