@@ -12,7 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 use crate::ops::contiguous_slice;
-use crate::parallel::{for_each_chunk, for_each_chunk_init};
+use crate::parallel::for_each_chunk;
 use crate::vector::{exp_f32, lane_sum, lane_sum_zip, with_avx2, LANES};
 
 /// `softmax(x)` over the last dimension, computed in f32 and returned in `x`'s dtype (the
@@ -62,11 +62,11 @@ fn softmax_row(y: &mut [MaybeUninit<f32>], x: &[f32]) {
 }
 
 /// `dx = y * (g - sum(g * y))` for one row.
-fn softmax_grad_row(dx: &mut [f32], y: &[f32], g: &[f32]) {
-    with_avx2!(softmax_grad_row_avx2, (dx: &mut [f32], y: &[f32], g: &[f32]), {
+fn softmax_grad_row(dx: &mut [MaybeUninit<f32>], y: &[f32], g: &[f32]) {
+    with_avx2!(softmax_grad_row_avx2, (dx: &mut [MaybeUninit<f32>], y: &[f32], g: &[f32]), {
         let dot = lane_sum_zip(y, g, |y, g| y * g);
         for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
-            *dx = y * (g - dot);
+            *dx = MaybeUninit::new(y * (g - dot));
         }
     })
 }
@@ -114,10 +114,12 @@ impl CustomOp2 for SoftmaxGrad {
         }
         let (y, g) = (f32_slice(y, l, "the output")?, f32_slice(g, gl, "the gradient")?);
         let len = l.dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; y.len()];
-        for_each_chunk_init(&mut dx, len, || (), |_, row, dx| {
+        let mut dx: Vec<f32> = Vec::with_capacity(y.len());
+        for_each_chunk(&mut dx.spare_capacity_mut()[..y.len()], len, || (), |_, row, dx| {
             softmax_grad_row(dx, &y[row * len..][..len], &g[row * len..][..len])
         });
+        // SAFETY: every row was written in full (its `y` and `g` rows have its length).
+        unsafe { dx.set_len(y.len()) };
         Ok((CpuStorage::F32(dx), l.shape().clone()))
     }
 }
