@@ -184,6 +184,34 @@ impl Conv2d {
             padding: kernel / 2,
         })
     }
+
+    /// A 1x1 convolution (stride 1, no padding) from its weight (out, in, 1, 1) and bias
+    /// (1, out, 1, 1).
+    fn pointwise(weight: Tensor, bias: Tensor) -> Self {
+        Self { weight, bias, stride: 1, padding: 0 }
+    }
+
+    /// Whether the layer is being trained: its weight or bias tracks gradients (a `Var`), so its
+    /// forward must give the kernel's gradient too.
+    pub fn is_trained(&self) -> bool {
+        self.weight.track_op() || self.bias.track_op()
+    }
+
+    /// The dtype the layer computes in (its weight's).
+    pub fn dtype(&self) -> DType {
+        self.weight.dtype()
+    }
+
+    /// A 1x1 layer as a per-position linear map: its weight as an (out, in) matrix and its bias as
+    /// an (out, 1) column, so that `y = W x + b` for `x` of shape (..., in, T). Views of the layer's
+    /// own tensors, so gradients reach them. Errors for a larger kernel.
+    pub fn pointwise_matrix(&self) -> Result<(Tensor, Tensor)> {
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        if (kh, kw) != (1, 1) {
+            candle_core::bail!("Conv2d::pointwise_matrix: the kernel is {kh}x{kw}, not 1x1")
+        }
+        Ok((self.weight.reshape((c_out, c_in))?, self.bias.reshape((c_out, 1))?))
+    }
 }
 
 impl Conv2d {
@@ -194,7 +222,7 @@ impl Conv2d {
     }
 
     fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        if self.weight.track_op() || self.bias.track_op() {
+        if self.is_trained() {
             let y = conv2d_trainable(x, &self.weight, self.stride, self.padding)?.broadcast_add(&self.bias)?;
             return match residual {
                 Some(r) => y + r,
@@ -253,7 +281,7 @@ impl PointwiseConv1d {
     pub fn new(in_ch: usize, out_ch: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_ch, in_ch, 1), "weight")?.unsqueeze(3)?;
         let bias = vb.get(out_ch, "bias")?.reshape((1, out_ch, 1, 1))?;
-        Ok(Self { conv: Conv2d { weight, bias, stride: 1, padding: 0 } })
+        Ok(Self { conv: Conv2d::pointwise(weight, bias) })
     }
 
     /// `conv(x) + residual`, the residual added in place when the layer is frozen.
@@ -262,19 +290,16 @@ impl PointwiseConv1d {
     }
 
     fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let Conv2d { weight, bias, .. } = &self.conv;
-        if weight.track_op() || bias.track_op() {
-            let y = weight
-                .squeeze(3)?
-                .squeeze(2)?
-                .broadcast_matmul(&x.to_dtype(weight.dtype())?)?
-                .broadcast_add(&bias.squeeze(3)?)?;
+        let x = x.to_dtype(self.conv.dtype())?;
+        if self.conv.is_trained() {
+            let (weight, bias) = self.conv.pointwise_matrix()?;
+            let y = weight.broadcast_matmul(&x)?.broadcast_add(&bias)?;
             return match residual {
                 Some(r) => y + r,
                 None => Ok(y),
             };
         }
-        let x = x.to_dtype(weight.dtype())?.unsqueeze(3)?;
+        let x = x.unsqueeze(3)?;
         let residual = residual.map(|r| r.unsqueeze(3)).transpose()?;
         self.conv.forward_with(&x, residual.as_ref())?.squeeze(3)
     }
