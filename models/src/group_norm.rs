@@ -1,6 +1,7 @@
 //! Group normalization with a per-sample, per-channel affine and an optional SiLU as one op, for
 //! frozen networks: `silu?(normalize(x) * scale[n, c] + shift[n, c])`, differentiable with respect to
-//! `x` only (classifier guidance, attacks on a frozen classifier).
+//! `x` only (classifier guidance, attacks on a frozen classifier). On CUDA in f32 the op is two
+//! kernels (`group_norm_cuda.rs`) and differentiable with respect to `scale` and `shift` too.
 //!
 //! ADM normalizes before nearly every convolution (`GroupNorm32`, then SiLU; in a ResBlock with
 //! scale-shift norm also `* (1 + s) + t` from the timestep embedding, which folds into the affine).
@@ -39,6 +40,10 @@ pub fn group_norm_affine(
             bail!("group_norm_affine: {name} has shape {:?}, expected [{n}, {c}]", t.dims())
         }
     }
+    #[cfg(feature = "cuda")]
+    if trains_through_fused(x.device(), x.dtype()) {
+        return crate::group_norm_cuda::group_norm_affine_cuda(x, groups, eps, scale, shift, silu);
+    }
     let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !fused {
         return composed(x, groups, eps, scale, shift, silu);
@@ -50,6 +55,13 @@ pub fn group_norm_affine(
         shift: shift.detach().to_dtype(x.dtype())?,
         silu,
     })
+}
+
+/// Whether [`group_norm_affine`] on a tensor of this device and dtype is also differentiable with
+/// respect to `scale` and `shift` (f32 on CUDA: the kernels of `group_norm_cuda.rs`); elsewhere
+/// only the composed ops are, and training uses those.
+pub fn trains_through_fused(device: &candle_core::Device, dtype: DType) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::F32
 }
 
 /// The same arithmetic from candle ops; autograd gives the backward.

@@ -5,6 +5,8 @@ pub mod adm;
 pub mod conv;
 pub mod conv_bn;
 pub mod group_norm;
+#[cfg(feature = "cuda")]
+mod group_norm_cuda;
 pub mod inception;
 pub mod ops;
 mod direct_conv;

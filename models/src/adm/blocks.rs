@@ -105,12 +105,13 @@ impl GroupNorm32 {
 
     /// Frozen parameters and embedding go through the fused [`group_norm_affine`] (the scale-shift
     /// folded into the affine: `w (1 + s)` and `b (1 + s) + t`); anything being trained through the
-    /// composed ops, which give every gradient.
+    /// composed ops, which give every gradient, except on CUDA, whose fused op gives them as well.
     fn forward_affine(&self, x: &Tensor, scale_shift: Option<(&Tensor, &Tensor)>, silu_after: bool) -> Result<Tensor> {
         let trained = self.weight.track_op()
             || self.bias.track_op()
             || scale_shift.is_some_and(|(s, t)| s.track_op() || t.track_op());
-        if trained {
+        // On CUDA the fused op gives the parameters' gradients too (through `scale` and `shift`).
+        if trained && !crate::group_norm::trains_through_fused(x.device(), DType::F32) {
             let h = self.normalize(x)?;
             let h = match scale_shift {
                 Some((s, t)) => {
