@@ -47,7 +47,13 @@ pub struct Options {
     pub toolkit: Option<PathBuf>,
     pub examples: Vec<String>,
     pub benches: Vec<String>,
+    /// Also build candle's cuDNN convolutions (feature `cudnn`; cuDNN 9 from its pip wheel).
+    pub cudnn: bool,
 }
+
+/// cuDNN 9 for CUDA 13 (the `cudnn` feature); the GPU machine's own copy (PyTorch's wheel) is used at
+/// run time through its soname, libcudnn.so.9.
+const CUDNN_WHEEL: &str = "nvidia-cudnn-cu13==9.28.1.4";
 
 pub fn cuda_build(root: &Path, opts: Options) -> Result<()> {
     let nvcc = find_nvcc(opts.toolkit.as_deref())?;
@@ -59,11 +65,14 @@ pub fn cuda_build(root: &Path, opts: Options) -> Result<()> {
         .unwrap_or_else(|| "?".into());
     eprintln!("using {} (CUDA {release}); the GPU machine's driver must support CUDA {release} or newer", nvcc.display());
     complete_for_linking(&cuda_home)?;
+    if opts.cudnn {
+        link_cudnn(&cuda_home)?;
+    }
 
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(std::iter::once(cuda_home.join("bin")).chain(std::env::split_paths(&path)))?;
     let mut cmd = crate::cargo();
-    cmd.args(["build", "--release", "-p", "bigroc", "--features", "cuda", "--bin", "bigroc"])
+    cmd.args(["build", "--release", "-p", "bigroc", "--features", if opts.cudnn { "cuda,cudnn" } else { "cuda" }, "--bin", "bigroc"])
         .args(opts.examples.iter().flat_map(|e| ["--example", e.as_str()]))
         .args(opts.benches.iter().flat_map(|b| ["--bench", b.as_str()]))
         .arg("--message-format=json-render-diagnostics")
@@ -190,6 +199,29 @@ fn complete_for_linking(cuda_home: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Installs cuDNN's wheel beside the toolkit's (under `pip/nvidia/cudnn`) when it is not there and
+/// gives the linker `libcudnn.so` in the toolkit's lib directory.
+fn link_cudnn(cuda_home: &Path) -> Result<()> {
+    let link = cuda_home.join("lib/libcudnn.so");
+    if link.exists() {
+        return Ok(());
+    }
+    // cuda_home is <toolkit>/pip/nvidia/cu13; the cuDNN wheel installs into <toolkit>/pip/nvidia/cudnn.
+    let nvidia = cuda_home.parent().context("the toolkit directory has no parent")?;
+    let lib = nvidia.join("cudnn/lib");
+    if !lib.join("libcudnn.so.9").exists() {
+        let target = nvidia.parent().context("the toolkit's nvidia directory has no parent")?;
+        eprintln!("installing {CUDNN_WHEEL} (about 520 MB) into {}", target.display());
+        run(Command::new("python3")
+            .args(["-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "--target"])
+            .arg(target)
+            .arg(CUDNN_WHEEL))?;
+    }
+    eprintln!("linking {} -> {}", link.display(), lib.join("libcudnn.so.9").display());
+    std::os::unix::fs::symlink(lib.join("libcudnn.so.9"), &link)?;
+    Ok(())
+}
+
 /// Every identifier `cu[A-Z]...` in `cuda.h`: the driver API's functions, with their `_v2`-style
 /// versioned names (macros and non-functions among them only make the stub export a few extra names).
 fn driver_api_names(header: &str) -> Vec<&str> {
@@ -221,7 +253,7 @@ fn needed_libraries(exe: &Path) -> Vec<String> {
         .lines()
         .filter(|l| l.contains("(NEEDED)"))
         .filter_map(|l| Some(l.split('[').nth(1)?.trim_end_matches(']').to_string()))
-        .filter(|l| ["cuda", "cublas", "curand", "nvrtc"].iter().any(|n| l.contains(n)))
+        .filter(|l| ["cuda", "cublas", "curand", "nvrtc", "cudnn"].iter().any(|n| l.contains(n)))
         .collect()
 }
 

@@ -90,6 +90,10 @@ enum Task {
         /// Also build and pack this bench (repeatable), e.g. guided_step.
         #[arg(long = "bench", value_name = "NAME")]
         benches: Vec<String>,
+        /// Convolutions through cuDNN (feature `cudnn`; needs cuDNN 9 on the GPU machine, which
+        /// PyTorch's CUDA wheels bring).
+        #[arg(long)]
+        cudnn: bool,
     },
 }
 
@@ -160,13 +164,13 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)?;
         }
-        Task::CudaBuild { compute_cap, out, toolkit, examples, benches } => {
+        Task::CudaBuild { compute_cap, out, toolkit, examples, benches, cudnn } => {
             let default_out = out.is_none();
             let out = out.unwrap_or_else(|| root.join(".device"));
             if default_out {
                 exclude_from_git(&root, "/.device/")?;
             }
-            cuda::cuda_build(&root, cuda::Options { compute_cap, out, toolkit, examples, benches })?;
+            cuda::cuda_build(&root, cuda::Options { compute_cap, out, toolkit, examples, benches, cudnn })?;
         }
     }
     Ok(())
