@@ -66,7 +66,7 @@ pub fn cuda_build(root: &Path, opts: Options) -> Result<()> {
     eprintln!("using {} (CUDA {release}); the GPU machine's driver must support CUDA {release} or newer", nvcc.display());
     complete_for_linking(&cuda_home)?;
     if opts.cudnn {
-        link_cudnn(&cuda_home)?;
+        link_cudnn(&cuda_home, opts.toolkit.as_deref())?;
     }
 
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -199,24 +199,26 @@ fn complete_for_linking(cuda_home: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Installs cuDNN's wheel beside the toolkit's (under `pip/nvidia/cudnn`) when it is not there and
-/// gives the linker `libcudnn.so` in the toolkit's lib directory.
-fn link_cudnn(cuda_home: &Path) -> Result<()> {
-    let link = cuda_home.join("lib/libcudnn.so");
-    if link.exists() {
+/// Gives the linker `libcudnn.so`: one already under `cuda_home`, else cuDNN's pip wheel installed
+/// into `<toolkit>/cudnn` (its own pip target: pip will not add to the toolkit's `nvidia/` package
+/// directory) and linked into the toolkit's lib directory.
+fn link_cudnn(cuda_home: &Path, toolkit: Option<&Path>) -> Result<()> {
+    if LIB_DIRS.iter().any(|d| cuda_home.join(d).join("libcudnn.so").exists()) {
         return Ok(());
     }
-    // cuda_home is <toolkit>/pip/nvidia/cu13; the cuDNN wheel installs into <toolkit>/pip/nvidia/cudnn.
-    let nvidia = cuda_home.parent().context("the toolkit directory has no parent")?;
-    let lib = nvidia.join("cudnn/lib");
+    let Some(toolkit) = toolkit else {
+        bail!("--cudnn: no libcudnn.so under {}; install cuDNN 9 there, or pass --toolkit DIR", cuda_home.display())
+    };
+    let target = toolkit.join("cudnn");
+    let lib = target.join("nvidia/cudnn/lib");
     if !lib.join("libcudnn.so.9").exists() {
-        let target = nvidia.parent().context("the toolkit's nvidia directory has no parent")?;
         eprintln!("installing {CUDNN_WHEEL} (about 520 MB) into {}", target.display());
         run(Command::new("python3")
             .args(["-m", "pip", "install", "--no-deps", "--disable-pip-version-check", "--target"])
-            .arg(target)
+            .arg(&target)
             .arg(CUDNN_WHEEL))?;
     }
+    let link = cuda_home.join("lib/libcudnn.so");
     eprintln!("linking {} -> {}", link.display(), lib.join("libcudnn.so.9").display());
     std::os::unix::fs::symlink(lib.join("libcudnn.so.9"), &link)?;
     Ok(())
