@@ -3,24 +3,8 @@
 //! `cargo run --release --features cuda --example cuda_group_norm_check`.
 
 use anyhow::Result;
-use bigroc_models::group_norm::group_norm_affine;
+use bigroc_models::group_norm::{group_norm_affine, group_norm_affine_composed};
 use candle_core::{DType, Device, Tensor, Var};
-
-/// `silu?(normalize(x) * scale + shift)` from candle ops (x `[n, c, ...]`, scale/shift `[n, c]`).
-fn reference(x: &Tensor, groups: usize, scale: &Tensor, shift: &Tensor, silu: bool) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (n, c) = (dims[0], dims[1]);
-    let xg = x.reshape((n, groups, ()))?;
-    let mean = xg.mean_keepdim(2)?;
-    let centered = xg.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(2)?;
-    let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?.reshape(dims.as_slice())?;
-    let mut affine = vec![1usize; dims.len()];
-    affine[0] = n;
-    affine[1] = c;
-    let y = normed.broadcast_mul(&scale.reshape(affine.as_slice())?)?.broadcast_add(&shift.reshape(affine.as_slice())?)?;
-    Ok(if silu { y.silu()? } else { y })
-}
 
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
@@ -44,7 +28,7 @@ fn main() -> Result<()> {
                 let y = if fused {
                     group_norm_affine(vars[0].as_tensor(), groups, 1e-5, vars[1].as_tensor(), vars[2].as_tensor(), silu)?
                 } else {
-                    reference(vars[0].as_tensor(), groups, vars[1].as_tensor(), vars[2].as_tensor(), silu)?
+                    group_norm_affine_composed(vars[0].as_tensor(), groups, 1e-5, vars[1].as_tensor(), vars[2].as_tensor(), silu)?
                 };
                 let loss = (&y * weight.to_device(dev)?.to_dtype(dtype)?)?.sum_all()?;
                 let grads = loss.backward()?;

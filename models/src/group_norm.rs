@@ -46,7 +46,7 @@ pub fn group_norm_affine(
     }
     let fused = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
     if !fused {
-        return composed(x, groups, eps, scale, shift, silu);
+        return group_norm_affine_composed(x, groups, eps, &scale.detach(), &shift.detach(), silu);
     }
     x.contiguous()?.apply_op1(GroupNormAffine {
         groups,
@@ -64,8 +64,10 @@ pub fn trains_through_fused(device: &candle_core::Device, dtype: DType) -> bool 
     cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::F32
 }
 
-/// The same arithmetic from candle ops; autograd gives the backward.
-fn composed(x: &Tensor, groups: usize, eps: f64, scale: &Tensor, shift: &Tensor, silu: bool) -> Result<Tensor> {
+/// The same arithmetic from candle ops, differentiable with respect to every operand (autograd
+/// gives the backward): [`group_norm_affine`]'s fallback where no fused op runs (with constant
+/// `scale` and `shift` there), and the reference the fused ops are checked against.
+pub fn group_norm_affine_composed(x: &Tensor, groups: usize, eps: f64, scale: &Tensor, shift: &Tensor, silu: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (n, c) = (dims[0], dims[1]);
     let xg = x.reshape((n, groups, ()))?;
@@ -77,8 +79,8 @@ fn composed(x: &Tensor, groups: usize, eps: f64, scale: &Tensor, shift: &Tensor,
     affine[0] = n;
     affine[1] = c;
     let y = normed
-        .broadcast_mul(&scale.detach().reshape(affine.as_slice())?)?
-        .broadcast_add(&shift.detach().reshape(affine.as_slice())?)?;
+        .broadcast_mul(&scale.reshape(affine.as_slice())?)?
+        .broadcast_add(&shift.reshape(affine.as_slice())?)?;
     if silu {
         y.silu()
     } else {
@@ -289,7 +291,7 @@ mod tests {
                     let y = if fused {
                         group_norm_affine(x.as_tensor(), 4, 1e-5, &scale, &shift, silu)?
                     } else {
-                        composed(x.as_tensor(), 4, 1e-5, &scale, &shift, silu)?
+                        group_norm_affine_composed(x.as_tensor(), 4, 1e-5, &scale, &shift, silu)?
                     };
                     let grads = (&y * &g)?.sum_all()?.backward()?;
                     Ok((y, grads.get(x.as_tensor()).expect("input gradient").clone()))
