@@ -10,7 +10,7 @@
 //! form `scale` and `shift`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -32,10 +32,16 @@ pub(crate) fn group_norm_affine_cuda(
     x.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, GroupNormCuda { groups, eps, silu })
 }
 
+#[derive(Clone, Copy)]
 struct GroupNormCuda {
     groups: usize,
     eps: f64,
     silu: bool,
+}
+
+/// The f32 elements of an operand from its layout's offset on.
+fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
+    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
 }
 
 /// The kernels' shape arguments: samples, channels, channels per group, positions per channel.
@@ -72,9 +78,7 @@ impl CustomOp3 for GroupNormCuda {
     ) -> Result<(CudaStorage, Shape)> {
         let (n, c, cpg, spatial) = geometry(xl, self.groups)?;
         let dev = x.device().clone();
-        let xs = x.as_cuda_slice::<f32>()?.slice(xl.start_offset()..);
-        let a = a.as_cuda_slice::<f32>()?.slice(al.start_offset()..);
-        let b = b.as_cuda_slice::<f32>()?.slice(bl.start_offset()..);
+        let (xs, a, b) = (f32_view(x, xl)?, f32_view(a, al)?, f32_view(b, bl)?);
         // SAFETY: every element is written by the kernel.
         let y = unsafe { dev.alloc::<f32>(xl.shape().elem_count())? };
         let func = dev.get_or_load_custom_func("group_norm_fwd_f32", MODULE, PTX)?;
@@ -89,7 +93,7 @@ impl CustomOp3 for GroupNormCuda {
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = (x.dim(0)?, x.dim(1)?);
         let ab = Tensor::cat(&[a.detach(), b.detach()], 0)?;
-        let packed = x.detach().apply_op3(&grad.detach().contiguous()?, &ab, GroupNormCudaGrad { groups: self.groups, eps: self.eps, silu: self.silu })?;
+        let packed = x.detach().apply_op3(&grad.detach().contiguous()?, &ab, GroupNormCudaGrad(*self))?;
         let count = x.elem_count();
         let dx = packed.narrow(0, 0, count)?.reshape(x.shape())?;
         let da = packed.narrow(0, count, n * c)?.reshape((n, c))?;
@@ -99,12 +103,8 @@ impl CustomOp3 for GroupNormCuda {
 }
 
 /// The backward kernel: arguments x, dy and `[scale; shift]` (`[2n, c]`); output dx, dscale and
-/// dshift flattened one after the other.
-struct GroupNormCudaGrad {
-    groups: usize,
-    eps: f64,
-    silu: bool,
-}
+/// dshift flattened one after the other. Holds the forward's settings.
+struct GroupNormCudaGrad(GroupNormCuda);
 
 impl CustomOp3 for GroupNormCudaGrad {
     fn name(&self) -> &'static str {
@@ -124,24 +124,24 @@ impl CustomOp3 for GroupNormCudaGrad {
         ab: &CudaStorage,
         abl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (n, c, cpg, spatial) = geometry(xl, self.groups)?;
+        let GroupNormCuda { groups, eps, silu } = self.0;
+        let (n, c, cpg, spatial) = geometry(xl, groups)?;
         if gl.dims() != xl.dims() || !gl.is_contiguous() || abl.dims() != [2 * n, c] || !abl.is_contiguous() {
             bail!("group-norm-affine-cuda-grad: bad operand shapes {:?} {:?} {:?}", xl.dims(), gl.dims(), abl.dims())
         }
         let dev = x.device().clone();
         let count = xl.shape().elem_count();
-        let xs = x.as_cuda_slice::<f32>()?.slice(xl.start_offset()..);
-        let gs = g.as_cuda_slice::<f32>()?.slice(gl.start_offset()..);
+        let (xs, gs) = (f32_view(x, xl)?, f32_view(g, gl)?);
         let ab = ab.as_cuda_slice::<f32>()?;
         let (a, b) = (ab.slice(abl.start_offset()..abl.start_offset() + n * c), ab.slice(abl.start_offset() + n * c..));
         // SAFETY: every element is written by the kernel (dx everywhere, da and db once per channel).
         let out = unsafe { dev.alloc::<f32>(count + 2 * n * c)? };
         let func = dev.get_or_load_custom_func("group_norm_bwd_f32", MODULE, PTX)?;
-        let (n_, c_, cpg_, spatial_, eps, silu) = (n as i32, c as i32, cpg as i32, spatial as i32, self.eps as f32, self.silu as i32);
+        let (n_, c_, cpg_, spatial_, eps, silu) = (n as i32, c as i32, cpg as i32, spatial as i32, eps as f32, silu as i32);
         let mut builder = func.builder();
         builder.arg(&xs).arg(&gs).arg(&a).arg(&b).arg(&out).arg(&n_).arg(&c_).arg(&cpg_).arg(&spatial_).arg(&eps).arg(&silu);
         // SAFETY: the arguments match the kernel's signature and sizes.
-        unsafe { builder.launch(launch(n, self.groups)) }.w()?;
+        unsafe { builder.launch(launch(n, groups)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(count + 2 * n * c)))
     }
 }
