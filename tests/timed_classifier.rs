@@ -26,7 +26,7 @@ use bigroc::train::optim::{Optimizer, OptimizerConfig};
 use bigroc::train::schedule::LrSchedule;
 use bigroc::train::state::WorkDir;
 use bigroc::train::timed_classifier::{
-    save_time_classifier, train_timed_classifier, TimedClassifierTraining, TrainableTimeClassifier, CHECKPOINT_KIND,
+    save_time_classifier, train_timed_classifier, warm_start, TimedClassifierTraining, TrainableTimeClassifier, CHECKPOINT_KIND,
 };
 use bigroc_models::adm::{EncoderUNetConfig, Pool};
 use candle_core::{DType, Device, Tensor};
@@ -253,6 +253,7 @@ fn run(cfg: &TimedClassifierTraining, data: &ImageSet, dir: &Path, resume: bool,
         log_every: 1,
         test,
         stop_after,
+        time_limit: None,
         progress: false,
     })
     .unwrap();
@@ -336,9 +337,9 @@ fn resume_continues_bit_for_bit() {
     other.attack = Some(EarlyStopPgd { eps: 1.0, step_size: 0.1, steps: 3 });
     let work = WorkDir::open(parts.path(), CHECKPOINT_KIND, true).unwrap();
     let net = TrainableTimeClassifier::new(&other.model, other.seed, &Device::Cpu).unwrap();
-    let opts = RunOptions { device: Device::Cpu, work_dir: &work, resume: true, checkpoint_every: 10, log_every: 1, test: None, stop_after: None, progress: false };
+    let opts = RunOptions { device: Device::Cpu, work_dir: &work, resume: true, checkpoint_every: 10, log_every: 1, test: None, stop_after: None, time_limit: None, progress: false };
     let err = train_timed_classifier(&other, &data, &net, &opts).err().unwrap().to_string();
-    assert!(err.contains("attack: checkpoint"), "{err}");
+    assert!(err.contains("attack.eps: checkpoint 0.5 vs now 1.0"), "{err}");
 }
 
 /// guided-diffusion's initialization: zero_module layers at 0, GroupNorm affine 1/0, convolution
@@ -391,6 +392,25 @@ fn saved_file_loads_as_a_time_classifier() {
         println!("reloaded (f16 storage {half}): logits rel err {e:.2e}");
         assert!(if half { e < 2e-2 } else { e == 0.0 }, "{e}");
     }
+}
+
+/// A warm start from a written classifier file sets every weight, and the frozen view the attack
+/// uses sees them too.
+#[test]
+fn warm_start_takes_a_written_classifier() {
+    let cfg = tiny_config(true);
+    let trained = TrainableTimeClassifier::new(&cfg.model, 1, &Device::Cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    save_time_classifier(&path, &cfg, &trained, &["top".into(), "bottom".into()], None, "test".into(), false).unwrap();
+    let fresh = TrainableTimeClassifier::new(&cfg.model, 2, &Device::Cpu).unwrap();
+    assert_ne!(weights(&fresh), weights(&trained));
+    warm_start(&fresh, &cfg, &path, &Device::Cpu).unwrap();
+    assert_eq!(weights(&fresh), weights(&trained));
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu).unwrap();
+    let t = Tensor::new(&[5f32, 900.0], &Device::Cpu).unwrap();
+    let (want, got) = (trained.frozen.forward(&x, &t).unwrap(), fresh.frozen.forward(&x, &t).unwrap());
+    assert_eq!(rel_err(&got, &want).unwrap(), 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ fn run(cfg: &ClassifierTraining, data: &ImageSet, dir: &std::path::Path, resume:
         log_every: 1,
         test: None,
         stop_after,
+        time_limit: None,
         progress: false,
     })
     .unwrap();
@@ -141,6 +142,7 @@ fn refuses_to_overwrite_or_resume_with_other_settings() {
         log_every: 1,
         test: None,
         stop_after: None,
+        time_limit: None,
         progress: false,
     })
     .err()

@@ -14,6 +14,7 @@
 mod adm_support;
 
 use std::path::Path;
+use std::time::Duration;
 use std::process::{Command, Output};
 
 use adm_support::{check, rel_err, Fixture};
@@ -22,7 +23,7 @@ use bigroc::diffusion::NoiseSchedule;
 use bigroc::train::batches::ImageSet;
 use bigroc::train::classifier::{RunOptions, TrainReport};
 use bigroc::train::diffusion::{
-    batch_losses, cifar10_unet, save_unet, train_diffusion, DiffusionTraining, Ema, TrainableUNet, CHECKPOINT_KIND,
+    batch_losses, cifar10_unet, save_unet, train_diffusion, warm_start, DiffusionTraining, Ema, TrainableUNet, CHECKPOINT_KIND,
 };
 use bigroc::train::optim::OptimizerConfig;
 use bigroc::train::schedule::LrSchedule;
@@ -240,6 +241,7 @@ fn run(cfg: &DiffusionTraining, data: &ImageSet, dir: &Path, resume: bool, stop_
         log_every: 1,
         test: None,
         stop_after,
+        time_limit: None,
         progress: false,
     })
     .unwrap();
@@ -321,9 +323,48 @@ fn resume_continues_bit_for_bit() {
     let work = WorkDir::open(parts.path(), CHECKPOINT_KIND, true).unwrap();
     let net = TrainableUNet::new(&other.model, other.seed, &Device::Cpu).unwrap();
     let mut ema = Ema::new(other.ema_rate, &net.parameters()).unwrap();
-    let opts = RunOptions { device: Device::Cpu, work_dir: &work, resume: true, checkpoint_every: 10, log_every: 1, test: None, stop_after: None, progress: false };
+    let opts = RunOptions { device: Device::Cpu, work_dir: &work, resume: true, checkpoint_every: 10, log_every: 1, test: None, stop_after: None, time_limit: None, progress: false };
     let err = train_diffusion(&other, &data, &net, &mut ema, &opts).err().unwrap().to_string();
     assert!(err.contains("ema_rate: checkpoint"), "{err}");
+}
+
+/// A time limit stops the run at an iteration boundary with a checkpoint that --resume continues
+/// (a limit of zero stops before the first iteration).
+#[test]
+fn time_limit_stops_with_a_checkpoint() {
+    let data = two_class_images(40, 3);
+    let cfg = tiny_config();
+    let dir = tempfile::tempdir().unwrap();
+    let work = WorkDir::open(dir.path(), CHECKPOINT_KIND, false).unwrap();
+    let net = TrainableUNet::new(&cfg.model, cfg.seed, &Device::Cpu).unwrap();
+    let mut ema = Ema::new(cfg.ema_rate, &net.parameters()).unwrap();
+    let opts = RunOptions { device: Device::Cpu, work_dir: &work, resume: false, checkpoint_every: 1000, log_every: 1, test: None, stop_after: None, time_limit: Some(Duration::ZERO), progress: false };
+    let report = train_diffusion(&cfg, &data, &net, &mut ema, &opts).unwrap();
+    assert!(!report.finished && report.steps == 0, "{report:?}");
+    assert!(work.checkpoint_path().exists());
+    let (_, _, report) = run(&cfg, &data, dir.path(), true, None);
+    assert!(report.finished && report.steps == 6, "{report:?}");
+}
+
+/// A warm start sets every weight from a written UNet file (here a stopped run's EMA), and refuses
+/// a file made for another network, naming the field that differs.
+#[test]
+fn warm_start_takes_a_written_unet() {
+    let data = two_class_images(40, 3);
+    let cfg = tiny_config();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ema, _) = run(&cfg, &data, dir.path(), false, Some(2));
+    let path = dir.path().join("u.safetensors");
+    save_unet(&path, &cfg, &ema, &["top".into(), "bottom".into()], None, "test".into(), false).unwrap();
+    let fresh = TrainableUNet::new(&cfg.model, 99, &Device::Cpu).unwrap();
+    assert_ne!(weights(&fresh), ema_weights(&ema));
+    warm_start(&fresh, &cfg, &path, &Device::Cpu).unwrap();
+    assert_eq!(weights(&fresh), ema_weights(&ema));
+    let mut wider = cfg.clone();
+    wider.model.model_channels = 64;
+    let net = TrainableUNet::new(&wider.model, 0, &Device::Cpu).unwrap();
+    let err = warm_start(&net, &wider, &path, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("model.model_channels: checkpoint 32 vs now 64"), "{err}");
 }
 
 /// The default CIFAR-10 UNet: its f16 weights file fits in 40 MB; guided-diffusion's
@@ -430,6 +471,24 @@ fn cli_trains_a_unet_that_sample_uses() {
     let again = bigroc(&args);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+    // A run out of time writes the weights so far (saying so) and a checkpoint; another run can
+    // start from those weights.
+    let stopped = d.join("stopped.safetensors");
+    let mut timed = args.to_vec();
+    timed[5] = stopped.to_str().unwrap();
+    timed.extend(["--stop-after-minutes", "0"]);
+    let out = bigroc(&timed);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("stopped after 0 iterations"));
+    let partial = DiffusionModel::load(stopped.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    assert!(partial.info.provenance.unwrap().contains("stopped after 0 iterations (not finished)"));
+    assert!(d.join("stopped.safetensors.train/checkpoint.safetensors").exists());
+    let warm = d.join("warm.safetensors");
+    let mut continued = args.to_vec();
+    continued[5] = warm.to_str().unwrap();
+    continued.extend(["--init-from", unet.to_str().unwrap()]);
+    ok(&continued);
+    let warm_file = DiffusionModel::load(warm.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    assert!(warm_file.info.provenance.unwrap().contains("warm-started from"));
 
     let out = d.join("s.npz");
     ok(&[

@@ -2,18 +2,20 @@
 //! in, [`bigroc::train::classifier`] / [`bigroc::train::timed_classifier`] /
 //! [`bigroc::train::diffusion`] out.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use bigroc::adm::{create_classifier, ClassifierFlags};
 use bigroc::refine::{Norm, PgdConfig};
 use bigroc::train::batches::ImageSet;
 use bigroc::train::early_stop_pgd::EarlyStopPgd;
-use bigroc::train::classifier::{save_classifier, train_classifier, ClassifierTraining, RunOptions, TrainableResNet, CHECKPOINT_KIND};
+use bigroc::train::classifier::{save_classifier, train_classifier, ClassifierTraining, RunOptions, TrainReport, TrainableResNet, CHECKPOINT_KIND};
 use bigroc::train::optim::{OptimizerConfig, OptimizerKind};
 use bigroc::train::schedule::LrSchedule;
 use bigroc::train::state::WorkDir;
 use bigroc_models::resnet::ResNetConfig;
+use candle_core::Device;
 use clap::{Args, Subcommand};
 
 #[derive(Debug, Args)]
@@ -47,12 +49,8 @@ pub struct ClassifierArgs {
     /// The trained classifier (self-describing safetensors), written when training ends.
     #[arg(long)]
     pub output: PathBuf,
-    /// Checkpoints and metrics.jsonl (default: OUTPUT with `.train` appended).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Continue the run whose checkpoint is in the work directory.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub run: RunFlags,
     /// ResNet depth (18, 34, 50, 101, 152).
     #[arg(long, default_value_t = 18)]
     pub depth: usize,
@@ -92,25 +90,98 @@ pub struct ClassifierArgs {
     pub crop_padding: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+}
+
+/// Flags every trainer shares: where the run keeps its state, when it stops, where it runs, and
+/// how the weights are stored.
+#[derive(Debug, Args)]
+pub struct RunFlags {
+    /// Checkpoints and metrics.jsonl (default: OUTPUT with `.train` appended).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Continue the run whose checkpoint is in the work directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this many iterations in total; --resume continues.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Stop (with a checkpoint) after this many minutes of this process, e.g. to fit a GPU lease;
+    /// --resume continues.
+    #[arg(long, value_parser = parse_minutes)]
+    pub stop_after_minutes: Option<Duration>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// On CUDA, let f32 matrix products use TF32 tensor cores (faster, ~1e-3 relative rounding).
     #[arg(long)]
     pub tf32: bool,
-    #[arg(long, default_value_t = 500)]
-    pub checkpoint_every: usize,
-    #[arg(long, default_value_t = 50)]
-    pub log_every: usize,
-    /// Stop (with a checkpoint) after this many iterations in total; --resume continues.
-    #[arg(long)]
-    pub stop_after: Option<usize>,
     /// Store the final weights as f16 (half the size; computation stays f32).
     #[arg(long)]
     pub half: bool,
     /// Dataset name recorded in the weights file.
     #[arg(long, default_value = "cifar10")]
     pub dataset_name: String,
+}
+
+fn parse_minutes(text: &str) -> std::result::Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(m) if m.is_finite() && m >= 0.0 => Ok(Duration::from_secs_f64(m * 60.0)),
+        _ => Err(format!("`{text}` is not a number of minutes (e.g. 25 or 0.5)")),
+    }
+}
+
+impl RunFlags {
+    /// The device to train on (TF32 allowed or not, as asked).
+    fn device(&self) -> Result<Device> {
+        let device = bigroc::device::parse_device(&self.device)?;
+        bigroc::device::allow_tf32(self.tf32);
+        Ok(device)
+    }
+
+    /// The work directory for a run writing `output`, opened for a checkpoint of `kind`.
+    fn work_dir(&self, output: &Path, kind: &str) -> Result<WorkDir> {
+        let dir = self.work_dir.clone().unwrap_or_else(|| {
+            let mut p = output.as_os_str().to_owned();
+            p.push(".train");
+            p.into()
+        });
+        WorkDir::open(&dir, kind, self.resume)
+    }
+
+    fn options<'a>(&self, device: &Device, work_dir: &'a WorkDir, checkpoint_every: usize, log_every: usize, test: Option<&'a ImageSet>) -> RunOptions<'a> {
+        RunOptions {
+            device: device.clone(),
+            work_dir,
+            resume: self.resume,
+            checkpoint_every,
+            log_every,
+            test,
+            stop_after: self.stop_after,
+            time_limit: self.stop_after_minutes,
+            progress: true,
+        }
+    }
+}
+
+/// For the weights' provenance: the weights a warm-started run began from.
+fn warm_note(init_from: Option<&Path>) -> String {
+    init_from.map(|p| format!(", warm-started from {}", p.display())).unwrap_or_default()
+}
+
+/// For the weights' provenance: that a run stopped before its end (its weights are those so far).
+fn stopped_note(report: &TrainReport, unit: &str) -> String {
+    if report.finished { String::new() } else { format!(", stopped after {} {unit} (not finished)", report.steps) }
+}
+
+/// Says where a stopped run's checkpoint is.
+fn tell_if_stopped(report: &TrainReport, work: &WorkDir, unit: &str) {
+    if !report.finished {
+        eprintln!("stopped after {} {unit} ({:.0} s), the weights so far written; checkpoint in {}: rerun with --resume to continue", report.steps, report.seconds, work.dir.display());
+    }
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
@@ -122,8 +193,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 }
 
 fn classifier(a: ClassifierArgs) -> Result<()> {
-    let device = bigroc::device::parse_device(&a.device)?;
-    bigroc::device::allow_tf32(a.tf32);
+    let device = a.run.device()?;
     let train = ImageSet::open(&a.data)?;
     let test = a.test.as_deref().map(ImageSet::open).transpose()?;
     if let Some(t) = &test {
@@ -152,44 +222,28 @@ fn classifier(a: ClassifierArgs) -> Result<()> {
         crop_padding: a.crop_padding,
         seed: a.seed,
     };
-    let work_dir = a.work_dir.clone().unwrap_or_else(|| {
-        let mut p = a.output.clone().into_os_string();
-        p.push(".train");
-        p.into()
-    });
-    let work = WorkDir::open(&work_dir, CHECKPOINT_KIND, a.resume)?;
+    let work = a.run.work_dir(&a.output, CHECKPOINT_KIND)?;
     let net = TrainableResNet::new(&cfg.model, cfg.seed, &device)?;
     tracing::info!(
         "training ResNet-{} (width x{}) on {} images of {} classes, {} epochs of {} steps, {}",
         a.depth, a.width, train.len(), train.classes.len(), cfg.epochs, cfg.steps_per_epoch(train.len()),
         match &cfg.attack { Some(p) => format!("adversarial: {:?} eps {} step {} x{}", p.norm, p.eps, p.step_size, p.steps), None => "standard".into() }
     );
-    let report = train_classifier(&cfg, &train, &net, &RunOptions {
-        device: device.clone(),
-        work_dir: &work,
-        resume: a.resume,
-        checkpoint_every: a.checkpoint_every,
-        log_every: a.log_every,
-        test: test.as_ref(),
-        stop_after: a.stop_after,
-        progress: true,
-    })?;
-    if !report.finished {
-        eprintln!("stopped after {} steps ({:.0} s); checkpoint in {}: rerun with --resume to continue", report.steps, report.seconds, work.dir.display());
-        return Ok(());
-    }
+    let report = train_classifier(&cfg, &train, &net, &a.run.options(&device, &work, a.checkpoint_every, a.log_every, test.as_ref()))?;
     let provenance = format!(
-        "bigroc {} train classifier: {} on {}, {} epochs, {:.0} s this session on {:?}",
+        "bigroc {} train classifier: {} on {}, {} epochs{}, {:.0} s this session on {:?}",
         env!("CARGO_PKG_VERSION"),
         serde_json::to_string(&cfg)?,
         a.data.display(),
         cfg.epochs,
+        stopped_note(&report, "steps"),
         report.seconds,
         device.location()
     );
-    save_classifier(&a.output, &cfg, &net, &train.classes, Some(a.dataset_name), 32, provenance, a.half)?;
+    save_classifier(&a.output, &cfg, &net, &train.classes, Some(a.run.dataset_name), 32, provenance, a.run.half)?;
     println!("wrote {} ({} steps, {:.0} s{})", a.output.display(), report.steps, report.seconds,
         report.test_accuracy.map(|t| format!(", clean test accuracy {:.2}%", 100.0 * t)).unwrap_or_default());
+    tell_if_stopped(&report, &work, "steps");
     Ok(())
 }
 
@@ -204,12 +258,12 @@ pub struct TimedClassifierArgs {
     /// The trained classifier (self-describing safetensors for `sample --classifier`).
     #[arg(long)]
     pub output: PathBuf,
-    /// Checkpoints and metrics.jsonl (default: OUTPUT with `.train` appended).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Continue the run whose checkpoint is in the work directory.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub run: RunFlags,
+    /// Start from these weights (a file this trainer wrote, e.g. a stopped run's on another machine)
+    /// instead of a fresh initialization; the optimizer and the schedule start afresh.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Train on the paper's early-stopping L2 PGD examples of x_t (the robust classifier).
     #[arg(long)]
     pub adversarial: bool,
@@ -261,32 +315,16 @@ pub struct TimedClassifierArgs {
     pub crop_padding: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// On CUDA, let f32 matrix products use TF32 tensor cores (faster, ~1e-3 relative rounding).
-    #[arg(long)]
-    pub tf32: bool,
     /// Save a checkpoint (and evaluate --test) every this many iterations.
     #[arg(long, default_value_t = 2000)]
     pub checkpoint_every: usize,
     #[arg(long, default_value_t = 50)]
     pub log_every: usize,
-    /// Stop (with a checkpoint) after this many iterations in total; --resume continues.
-    #[arg(long)]
-    pub stop_after: Option<usize>,
-    /// Store the final weights as f16 (half the size; computation stays f32).
-    #[arg(long)]
-    pub half: bool,
-    /// Dataset name recorded in the weights file.
-    #[arg(long, default_value = "cifar10")]
-    pub dataset_name: String,
 }
 
 fn timed_classifier(a: TimedClassifierArgs) -> Result<()> {
     use bigroc::train::timed_classifier as tc;
-    let device = bigroc::device::parse_device(&a.device)?;
-    bigroc::device::allow_tf32(a.tf32);
+    let device = a.run.device()?;
     let train = ImageSet::open(&a.data)?;
     let test = a.test.as_deref().map(ImageSet::open).transpose()?;
     if let Some(t) = &test {
@@ -323,44 +361,32 @@ fn timed_classifier(a: TimedClassifierArgs) -> Result<()> {
         crop_padding: a.crop_padding,
         seed: a.seed,
     };
-    let work_dir = a.work_dir.clone().unwrap_or_else(|| {
-        let mut p = a.output.clone().into_os_string();
-        p.push(".train");
-        p.into()
-    });
-    let work = WorkDir::open(&work_dir, tc::CHECKPOINT_KIND, a.resume)?;
+    let work = a.run.work_dir(&a.output, tc::CHECKPOINT_KIND)?;
     let net = tc::TrainableTimeClassifier::new(&cfg.model, cfg.seed, &device)?;
+    if let Some(path) = &a.init_from {
+        tc::warm_start(&net, &cfg, path, &device)?;
+    }
     let params: usize = net.parameters().iter().map(|(_, v)| v.elem_count()).sum();
     tracing::info!(
         "training a {0}x{0} time-dependent classifier ({params} parameters) on {1} images of {2} classes, {3} iterations of {4}, {5}",
         train.height, train.len(), train.classes.len(), cfg.iterations, cfg.batch_size,
         match &cfg.attack { Some(p) => format!("robust: L2 eps {} step {} x{} on x_t", p.eps, p.step_size, p.steps), None => "vanilla".into() }
     );
-    let report = tc::train_timed_classifier(&cfg, &train, &net, &RunOptions {
-        device: device.clone(),
-        work_dir: &work,
-        resume: a.resume,
-        checkpoint_every: a.checkpoint_every,
-        log_every: a.log_every,
-        test: test.as_ref(),
-        stop_after: a.stop_after,
-        progress: true,
-    })?;
-    if !report.finished {
-        eprintln!("stopped after {} iterations ({:.0} s); checkpoint in {}: rerun with --resume to continue", report.steps, report.seconds, work.dir.display());
-        return Ok(());
-    }
+    let report = tc::train_timed_classifier(&cfg, &train, &net, &a.run.options(&device, &work, a.checkpoint_every, a.log_every, test.as_ref()))?;
     let provenance = format!(
-        "bigroc {} train timed-classifier on {}, {} iterations, {:.0} s this session on {:?}",
+        "bigroc {} train timed-classifier on {}{}, {} iterations{}, {:.0} s this session on {:?}",
         env!("CARGO_PKG_VERSION"),
         a.data.display(),
+        warm_note(a.init_from.as_deref()),
         cfg.iterations,
+        stopped_note(&report, "iterations"),
         report.seconds,
         device.location()
     );
-    tc::save_time_classifier(&a.output, &cfg, &net, &train.classes, Some(a.dataset_name), provenance, a.half)?;
+    tc::save_time_classifier(&a.output, &cfg, &net, &train.classes, Some(a.run.dataset_name), provenance, a.run.half)?;
     println!("wrote {} ({} iterations, {:.0} s{})", a.output.display(), report.steps, report.seconds,
         report.test_accuracy.map(|t| format!(", noisy test accuracy {:.2}%", 100.0 * t)).unwrap_or_default());
+    tell_if_stopped(&report, &work, "iterations");
     Ok(())
 }
 
@@ -372,12 +398,12 @@ pub struct DiffusionArgs {
     /// The trained UNet's EMA weights (self-describing `adm-unet` safetensors for `sample --model`).
     #[arg(long)]
     pub output: PathBuf,
-    /// Checkpoints and metrics.jsonl (default: OUTPUT with `.train` appended).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Continue the run whose checkpoint is in the work directory.
-    #[arg(long)]
-    pub resume: bool,
+    #[command(flatten)]
+    pub run: RunFlags,
+    /// Start from these weights (a file this trainer wrote, e.g. a stopped run's on another machine)
+    /// instead of a fresh initialization; the optimizer and the schedule start afresh.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Training iterations (batches).
     #[arg(long, default_value_t = 500_000)]
     pub iterations: usize,
@@ -434,32 +460,16 @@ pub struct DiffusionArgs {
     pub no_flip: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// On CUDA, let f32 matrix products use TF32 tensor cores (faster, ~1e-3 relative rounding).
-    #[arg(long)]
-    pub tf32: bool,
     /// Save a checkpoint (weights, EMA, optimizer state) every this many iterations.
     #[arg(long, default_value_t = 10_000)]
     pub checkpoint_every: usize,
     #[arg(long, default_value_t = 100)]
     pub log_every: usize,
-    /// Stop (with a checkpoint) after this many iterations in total; --resume continues.
-    #[arg(long)]
-    pub stop_after: Option<usize>,
-    /// Store the final weights as f16 (half the size; computation stays f32).
-    #[arg(long)]
-    pub half: bool,
-    /// Dataset name recorded in the weights file.
-    #[arg(long, default_value = "cifar10")]
-    pub dataset_name: String,
 }
 
 fn diffusion(a: DiffusionArgs) -> Result<()> {
     use bigroc::train::diffusion as td;
-    let device = bigroc::device::parse_device(&a.device)?;
-    bigroc::device::allow_tf32(a.tf32);
+    let device = a.run.device()?;
     let train = ImageSet::open(&a.data)?;
     if train.height != train.width {
         bail!("{}: the UNet takes square images, these are {}x{}", a.data.display(), train.width, train.height)
@@ -497,13 +507,11 @@ fn diffusion(a: DiffusionArgs) -> Result<()> {
         flip: !a.no_flip,
         seed: a.seed,
     };
-    let work_dir = a.work_dir.clone().unwrap_or_else(|| {
-        let mut p = a.output.clone().into_os_string();
-        p.push(".train");
-        p.into()
-    });
-    let work = WorkDir::open(&work_dir, td::CHECKPOINT_KIND, a.resume)?;
+    let work = a.run.work_dir(&a.output, td::CHECKPOINT_KIND)?;
     let net = td::TrainableUNet::new(&cfg.model, cfg.seed, &device)?;
+    if let Some(path) = &a.init_from {
+        td::warm_start(&net, &cfg, path, &device)?;
+    }
     let mut ema = td::Ema::new(cfg.ema_rate, &net.parameters())?;
     tracing::info!(
         "training a {0}x{0} {1} diffusion UNet ({2} parameters{3}) on {4} images, {5} iterations of {6}",
@@ -515,30 +523,20 @@ fn diffusion(a: DiffusionArgs) -> Result<()> {
         cfg.iterations,
         cfg.batch_size
     );
-    let report = td::train_diffusion(&cfg, &train, &net, &mut ema, &RunOptions {
-        device: device.clone(),
-        work_dir: &work,
-        resume: a.resume,
-        checkpoint_every: a.checkpoint_every,
-        log_every: a.log_every,
-        test: None,
-        stop_after: a.stop_after,
-        progress: true,
-    })?;
-    if !report.finished {
-        eprintln!("stopped after {} iterations ({:.0} s); checkpoint in {}: rerun with --resume to continue", report.steps, report.seconds, work.dir.display());
-        return Ok(());
-    }
+    let report = td::train_diffusion(&cfg, &train, &net, &mut ema, &a.run.options(&device, &work, a.checkpoint_every, a.log_every, None))?;
     let provenance = format!(
-        "bigroc {} train diffusion on {}, {} iterations, EMA rate {}, {:.0} s this session on {:?}",
+        "bigroc {} train diffusion on {}{}, {} iterations{}, EMA rate {}, {:.0} s this session on {:?}",
         env!("CARGO_PKG_VERSION"),
         a.data.display(),
+        warm_note(a.init_from.as_deref()),
         cfg.iterations,
+        stopped_note(&report, "iterations"),
         cfg.ema_rate,
         report.seconds,
         device.location()
     );
-    td::save_unet(&a.output, &cfg, &ema, &train.classes, Some(a.dataset_name), provenance, a.half)?;
+    td::save_unet(&a.output, &cfg, &ema, &train.classes, Some(a.run.dataset_name), provenance, a.run.half)?;
     println!("wrote {} (EMA weights; {} iterations, {:.0} s, last loss {:.4})", a.output.display(), report.steps, report.seconds, report.last_loss.unwrap_or(f64::NAN));
+    tell_if_stopped(&report, &work, "iterations");
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! model in eval mode (running batch-norm statistics, weights fixed), then one optimizer step on
 //! the cross-entropy of the attacked batch with the model in train mode.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bigroc_models::resnet::{ResNet, ResNetConfig};
@@ -60,7 +60,17 @@ pub struct RunOptions<'a> {
     /// Stop after this many iterations in total (for tests and time-boxed runs); a later
     /// `--resume` continues.
     pub stop_after: Option<usize>,
+    /// Stop after this much wall-clock time in this process (a GPU lease, a queue slot); a later
+    /// `--resume` continues from the checkpoint written on stopping.
+    pub time_limit: Option<Duration>,
     pub progress: bool,
+}
+
+impl RunOptions<'_> {
+    /// Whether a run that began at `began` stops (with a checkpoint) before iteration `step`.
+    pub fn stops_before(&self, step: usize, began: Instant) -> bool {
+        self.stop_after.is_some_and(|s| step >= s) || self.time_limit.is_some_and(|t| began.elapsed() >= t)
+    }
 }
 
 /// A model being trained: its variables and the network built on them.
@@ -173,7 +183,7 @@ pub fn train_classifier(cfg: &ClassifierTraining, train: &ImageSet, net: &Traina
         let order = epoch_order(train.len(), cfg.seed, epoch);
         let first_batch = if epoch == start.epoch { start.batch } else { 0 };
         for (b, indices) in order.chunks(cfg.batch_size).enumerate().skip(first_batch) {
-            if opts.stop_after.is_some_and(|s| step >= s) {
+            if opts.stops_before(step, began) {
                 opts.work_dir.save(cfg, Position { step, epoch, batch: b }, &net.vars, &opt)?;
                 bar.abandon();
                 return Ok(TrainReport { steps: step, finished: false, seconds: began.elapsed().as_secs_f64(), last_loss, test_accuracy });

@@ -26,7 +26,7 @@ use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::adm::{AdmInfo, DiffusionModel, UNetFileConfig};
+use crate::adm::{AdmInfo, DiffusionModel, UNetFileConfig, UNET_KIND};
 use crate::diffusion::{DiffusionConfig, GaussianDiffusion, NoiseSchedule};
 use crate::train::batches::{augmented_batch, epoch_order, ImageSet};
 use crate::train::classifier::{RunOptions, TrainReport};
@@ -392,7 +392,7 @@ pub fn train_diffusion(cfg: &DiffusionTraining, train: &ImageSet, net: &Trainabl
         opts.work_dir.save_with_extra(cfg, position, &net.vars, opt, &ema.state())
     };
     for step in start.step..total {
-        if opts.stop_after.is_some_and(|s| step >= s) {
+        if opts.stops_before(step, began) {
             save(step, &opt, ema)?;
             bar.abandon();
             return Ok(TrainReport { steps: step, finished: false, seconds: began.elapsed().as_secs_f64(), last_loss, test_accuracy: None });
@@ -453,6 +453,14 @@ pub fn train_diffusion(cfg: &DiffusionTraining, train: &ImageSet, net: &Trainabl
     }
     bar.finish_and_clear();
     Ok(TrainReport { steps: total, finished: true, seconds: began.elapsed().as_secs_f64(), last_loss, test_accuracy: None })
+}
+
+/// Starts `net` from the `adm-unet` weights file at `path` (e.g. the EMA weights a stopped run wrote
+/// on another machine), which must be made for `cfg`'s network and diffusion. Create the [`Ema`]
+/// afterwards, so that it starts from these weights.
+pub fn warm_start(net: &TrainableUNet, cfg: &DiffusionTraining, path: &std::path::Path, device: &Device) -> Result<()> {
+    let file = UNetFileConfig { model: cfg.model.clone(), diffusion: cfg.diffusion_config() };
+    crate::train::state::warm_start(&net.vars, path, UNET_KIND, &serde_json::to_value(&file)?, device)
 }
 
 /// Writes the EMA weights as the `adm-unet` file `bigroc sample --model` reads (f16 storage with

@@ -159,6 +159,30 @@ impl WorkDir {
     }
 }
 
+/// Sets every variable of `vars` from the weights file at `path`, which must hold `kind` weights
+/// made with the configuration `config` (as its header stores it): a warm start, where another
+/// run's written weights go on training under a fresh optimizer (e.g. on a machine the checkpoint,
+/// with its optimizer state, cannot be moved to). Every variable must be in the file with its
+/// shape, and the file may hold nothing else.
+pub fn warm_start(vars: &VarMap, path: &Path, kind: &str, config: &serde_json::Value, device: &Device) -> Result<()> {
+    let ck = Checkpoint::load(path.to_str().context("non-UTF-8 weights path")?, device)?;
+    ck.expect_kind(kind)?;
+    // Through text, as the stored copy went (serde_json's float parsing is not exact).
+    let wanted: serde_json::Value = serde_json::from_str(&config.to_string())?;
+    if ck.header.config != wanted {
+        bail!("{}: made for another network than this run's ({})", path.display(), differing_fields(&ck.header.config, &wanted))
+    }
+    let data = vars.data().lock().expect("var map lock");
+    for (name, var) in data.iter() {
+        let t = ck.tensors.get(name).with_context(|| format!("{}: missing `{name}`", path.display()))?;
+        var.set(&t.to_dtype(var.dtype())?).with_context(|| format!("{}: `{name}` does not fit the model", path.display()))?;
+    }
+    if let Some(extra) = ck.tensors.keys().find(|k| !data.contains_key(*k)) {
+        bail!("{}: `{extra}` is not a weight of this network", path.display())
+    }
+    Ok(())
+}
+
 /// Appends one JSON object per line; every record carries the `step` it belongs to.
 pub struct MetricsLog {
     file: std::fs::File,
@@ -174,20 +198,33 @@ impl MetricsLog {
 }
 
 fn differing_fields(found: &serde_json::Value, wanted: &serde_json::Value) -> String {
+    let mut differences = Vec::new();
+    collect_differences("", found, wanted, &mut differences);
+    differences.join("; ")
+}
+
+/// The fields in which two JSON values differ, by dotted path, descending into objects.
+fn collect_differences(path: &str, found: &serde_json::Value, wanted: &serde_json::Value, out: &mut Vec<String>) {
     match (found.as_object(), wanted.as_object()) {
         (Some(f), Some(w)) => {
             let mut keys: Vec<&String> = f.keys().chain(w.keys()).collect();
             keys.sort();
             keys.dedup();
-            keys.into_iter()
-                .filter(|k| f.get(*k) != w.get(*k))
-                .map(|k| {
-                    let show = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
-                    format!("{k}: checkpoint {} vs now {}", show(f.get(k)), show(w.get(k)))
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
+            for k in keys {
+                let field = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match (f.get(k), w.get(k)) {
+                    (Some(a), Some(b)) => collect_differences(&field, a, b, out),
+                    (a, b) => {
+                        let show = |v: Option<&serde_json::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+                        out.push(format!("{field}: checkpoint {} vs now {}", show(a), show(b)));
+                    }
+                }
+            }
         }
-        _ => format!("checkpoint {found} vs now {wanted}"),
+        _ if found != wanted => {
+            let field = if path.is_empty() { "value" } else { path };
+            out.push(format!("{field}: checkpoint {found} vs now {wanted}"));
+        }
+        _ => {}
     }
 }

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::accuracy::correct;
-use crate::adm::{AdmInfo, TimeClassifier};
+use crate::adm::{AdmInfo, TimeClassifier, CLASSIFIER_KIND};
 use crate::diffusion::{DiffusionConfig, GaussianDiffusion, NoiseSchedule};
 use crate::train::batches::{augmented_batch, epoch_order, ImageSet};
 use crate::train::classifier::{RunOptions, TrainReport};
@@ -253,7 +253,7 @@ pub fn train_timed_classifier(cfg: &TimedClassifierTraining, train: &ImageSet, n
     let (mut last_loss, mut test_accuracy) = (None, None);
     let mut order: Option<(usize, Vec<usize>)> = None;
     for step in start.step..total {
-        if opts.stop_after.is_some_and(|s| step >= s) {
+        if opts.stops_before(step, began) {
             let position = Position { step, epoch: step / per_epoch, batch: step % per_epoch };
             opts.work_dir.save(cfg, position, &net.vars, &opt)?;
             bar.abandon();
@@ -321,6 +321,12 @@ pub fn train_timed_classifier(cfg: &TimedClassifierTraining, train: &ImageSet, n
     }
     bar.finish_and_clear();
     Ok(TrainReport { steps: total, finished: true, seconds: began.elapsed().as_secs_f64(), last_loss, test_accuracy })
+}
+
+/// Starts `net` from the time-dependent classifier file at `path` (e.g. the weights a stopped run
+/// wrote on another machine), which must be made for `cfg`'s network.
+pub fn warm_start(net: &TrainableTimeClassifier, cfg: &TimedClassifierTraining, path: &std::path::Path, device: &Device) -> Result<()> {
+    crate::train::state::warm_start(&net.vars, path, CLASSIFIER_KIND, &serde_json::to_value(&cfg.model)?, device)
 }
 
 /// Writes the trained network as the time-dependent classifier file `sample --classifier` reads
