@@ -14,7 +14,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::conv::conv2d_trainable;
 use crate::conv_bn::conv2d_bn_eval;
-use crate::group_norm::group_norm_affine;
+use crate::group_norm::{group_norm_affine, group_norm_affine_composed};
 
 
 /// guided-diffusion's `normalization`: 32 groups, eps 1e-5.
@@ -103,25 +103,14 @@ impl GroupNorm32 {
         self.forward_affine(x, Some((scale, shift)), true)
     }
 
-    /// Frozen parameters and embedding go through the fused [`group_norm_affine`] (the scale-shift
-    /// folded into the affine: `w (1 + s)` and `b (1 + s) + t`); anything being trained through the
-    /// composed ops, which give every gradient, except on CUDA, whose fused op gives them as well.
+    /// The scale-shift folds into the affine (`w (1 + s)` and `b (1 + s) + t`). Frozen parameters
+    /// and embedding go through the fused [`group_norm_affine`]; anything being trained through the
+    /// same computation in candle ops ([`group_norm_affine_composed`]), which give every gradient,
+    /// except on CUDA, whose fused op gives them as well.
     fn forward_affine(&self, x: &Tensor, scale_shift: Option<(&Tensor, &Tensor)>, silu_after: bool) -> Result<Tensor> {
         let trained = self.weight.track_op()
             || self.bias.track_op()
             || scale_shift.is_some_and(|(s, t)| s.track_op() || t.track_op());
-        // On CUDA the fused op gives the parameters' gradients too (through `scale` and `shift`).
-        if trained && !crate::group_norm::trains_through_fused(x.device(), DType::F32) {
-            let h = self.normalize(x)?;
-            let h = match scale_shift {
-                Some((s, t)) => {
-                    let (s, t) = (s.unsqueeze(2)?.unsqueeze(3)?, t.unsqueeze(2)?.unsqueeze(3)?);
-                    h.broadcast_mul(&(s + 1.0)?)?.broadcast_add(&t)?
-                }
-                None => h,
-            };
-            return if silu_after { silu(&h) } else { Ok(h) };
-        }
         let (n, c) = (x.dim(0)?, x.dim(1)?);
         let (weight, bias) = (self.weight.broadcast_as((n, c))?, self.bias.broadcast_as((n, c))?);
         let (scale, shift) = match scale_shift {
@@ -131,28 +120,13 @@ impl GroupNorm32 {
             }
             None => (weight.contiguous()?, bias.contiguous()?),
         };
-        let dtype = x.dtype();
-        group_norm_affine(&x.to_dtype(DType::F32)?, self.groups, NORM_EPS, &scale, &shift, silu_after)?.to_dtype(dtype)
-    }
-
-    /// The composed ops (differentiable with respect to the parameters too).
-    fn normalize(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let dims = x.dims().to_vec();
-        let (n, c) = (dims[0], dims[1]);
-        let per_group = x.elem_count() / (n * self.groups);
-        let xg = x.to_dtype(DType::F32)?.reshape((n, self.groups, per_group))?;
-        let mean = (xg.sum_keepdim(2)? / per_group as f64)?;
-        let centered = xg.broadcast_sub(&mean)?;
-        let var = (centered.sqr()?.sum_keepdim(2)? / per_group as f64)?;
-        let normed = centered.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?;
-        let mut affine_shape = vec![1usize; dims.len()];
-        affine_shape[1] = c;
-        normed
-            .reshape(dims.as_slice())?
-            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)?
-            .to_dtype(dtype)
+        let (dtype, x) = (x.dtype(), x.to_dtype(DType::F32)?);
+        let y = if trained && !crate::group_norm::trains_through_fused(x.device(), DType::F32) {
+            group_norm_affine_composed(&x, self.groups, NORM_EPS, &scale, &shift, silu_after)?
+        } else {
+            group_norm_affine(&x, self.groups, NORM_EPS, &scale, &shift, silu_after)?
+        };
+        y.to_dtype(dtype)
     }
 }
 
