@@ -44,7 +44,7 @@ fn reference_seconds(threads: usize) -> Option<f64> {
 }
 
 fn bench(c: &mut Criterion) {
-    let s = setup(BATCH, None, &Device::Cpu).expect("benchmark setup");
+    let s = setup(BATCH, None, candle_core::DType::F32, &Device::Cpu).expect("benchmark setup");
     step(&s).expect("warm-up step");
     let mut group = c.benchmark_group("guided_step");
     group.sample_size(10);

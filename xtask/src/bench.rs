@@ -39,6 +39,8 @@ pub struct Options {
     pub only: Option<String>,
     pub device: String,
     pub peak_gflops: Option<f64>,
+    /// Compute dtype of the guided-step row (f32, f16, bf16); the other rows are f32 only.
+    pub dtype: String,
 }
 
 /// One row of the table.
@@ -106,7 +108,7 @@ fn reference_cmd(python: &Path, root: &Path, w: &Workload, out: &Path, threads: 
         .args(["--threads", &threads.to_string(), "--reps", &o.reps.to_string(), "--device", &o.device])
         .current_dir(root);
     match w.name {
-        "guided-step" => cmd.arg("--out").arg(out).args(["--batch", "16"]),
+        "guided-step" => cmd.arg("--out").arg(out).args(["--batch", "16", "--dtype", &o.dtype]),
         "train-step" => cmd.args(["--batch", "128"]),
         name => cmd.arg("--out").arg(out).args(["--only", name]),
     };
@@ -127,6 +129,7 @@ fn bigroc_cmd(root: &Path, w: &Workload, out: &Path, threads: usize, o: &Options
             if shared {
                 cmd.arg(out.join("guided_unet.safetensors")).arg(out.join("guided_classifier.safetensors"));
             }
+            cmd.args(["--dtype", &o.dtype]);
         }
         "train-step" => {
             cmd.args([example(w), "--", "128", &reps, dev]);
@@ -202,6 +205,12 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
     if o.reps == 0 || o.rounds == 0 {
         bail!("--reps and --rounds must be at least 1");
     }
+    if !["f32", "f16", "bf16"].contains(&o.dtype.as_str()) {
+        bail!("--dtype {}: expected f32, f16 or bf16", o.dtype);
+    }
+    if o.dtype != "f32" && selected.iter().any(|w| w.name != "guided-step") {
+        bail!("--dtype {}: only the guided-step row computes in another dtype than f32; add --only guided-step", o.dtype);
+    }
     let threads = o.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     let peak = o.peak_gflops.or((o.device == "cpu").then_some(DEFAULT_CPU_PEAK_GFLOPS));
     let out = root.join("target/bench");
@@ -232,6 +241,7 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
             eprintln!("{}: round {}/{}", w.name, round + 1, o.rounds);
             let reference: Outcome = match &python {
                 None => Err(NO_REFERENCE.into()),
+                Some(_) if o.dtype == "bf16" => Err("guided-diffusion has no bf16 mode".into()),
                 Some(py) => json_line(reference_cmd(py, root, w, &out, threads, &o)).map_err(|e| {
                     eprintln!("{}: {e:#}", w.name);
                     "reference failed (see above)".to_string()
@@ -264,8 +274,8 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
     let pct = |v: f64| peak.map(|p| format!("{:.1}%", 100.0 * v / p)).unwrap_or_else(|| "-".into());
     println!();
     println!(
-        "| workload | {torch} ({threads} threads) | bigroc ({}, {threads} threads) | ratio bigroc/PyTorch (>1 = bigroc faster) | GFLOP per unit | PyTorch GFLOP/s | bigroc GFLOP/s | bigroc % of peak |",
-        o.device
+        "| workload ({}) | {torch} ({threads} threads) | bigroc ({}, {threads} threads) | ratio bigroc/PyTorch (>1 = bigroc faster) | GFLOP per unit | PyTorch GFLOP/s | bigroc GFLOP/s | bigroc % of peak |",
+        o.dtype, o.device
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut failed = Vec::new();

@@ -4,7 +4,7 @@
 //! - `fixtures [--full DIR]`: regenerate the committed parity fixtures from the reference packages
 //!   (and, with --full, the full-size random-weight checkpoints that are never committed).
 //! - `static`: build the `bigroc` binary statically linked (glibc, crt-static).
-//! - `bench [--only NAME] [--reps N] [--rounds N] [--threads N] [--peak-gflops G]`: run each workload
+//! - `bench [--only NAME] [--reps N] [--rounds N] [--threads N] [--peak-gflops G] [--dtype D]`: run each workload
 //!   of the performance issue (refine with the cifar and the imagenet ResNet-50, one guided sampling
 //!   step, one adversarial training step) in the PyTorch reference and in bigroc, alternately, and print
 //!   one markdown table: throughputs, their ratio, the FLOPs per unit of work (counted on the
@@ -65,6 +65,10 @@ enum Task {
         /// x 2.45 GHz x 32 FLOP/cycle with AVX2 FMA].
         #[arg(long)]
         peak_gflops: Option<f64>,
+        /// Compute dtype of the guided-step row's networks (f32, f16 as guided-diffusion's use_fp16,
+        /// bf16 on bigroc's side only); the other rows are f32.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
     },
     /// Build a statically linked release binary (target/x86_64-unknown-linux-gnu/release/bigroc).
     Static {
@@ -151,8 +155,8 @@ fn main() -> Result<()> {
                 run(&mut cmd)?;
             }
         }
-        Task::Bench { reps, rounds, threads, only, device, peak_gflops } => {
-            bench::bench(&root, bench::Options { reps, rounds, threads, only, device, peak_gflops })?
+        Task::Bench { reps, rounds, threads, only, device, peak_gflops, dtype } => {
+            bench::bench(&root, bench::Options { reps, rounds, threads, only, device, peak_gflops, dtype })?
         }
         Task::Static { features } => {
             let mut cmd = cargo();
