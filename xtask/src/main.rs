@@ -12,6 +12,11 @@
 //! - `cuda-build [--toolkit DIR] [--out DIR]`: build `--features cuda` without a GPU (nvcc from
 //!   PATH, $CUDA_HOME, or NVIDIA's pip wheels installed into DIR) and pack it, xz-compressed, with a
 //!   `run-on-gpu.sh` wrapper for a GPU machine without a Rust toolchain.
+//! - `guidance-table`: the sampling issue's table (no guidance, vanilla and robust guidance at each
+//!   scale; FID, precision, recall), one resumable row at a time through `bigroc sample` and `eval`.
+//! - `lease-pack`: everything a GPU lease needs that is not in the repository (the CUDA build, this
+//!   xtask, the CIFAR-10 tars, the FID Inception in parts), packed into one folder per device call
+//!   under the call's 64 MiB limit; `xtask/device/lease.sh` runs the lease's work from them.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +26,8 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cuda;
+mod lease;
+mod table;
 
 #[derive(Parser)]
 struct Cli {
@@ -99,6 +106,64 @@ enum Task {
         #[arg(long)]
         cudnn: bool,
     },
+    /// FID and precision/recall of one diffusion model unguided and guided by a vanilla and a robust
+    /// time-dependent classifier at each scale, on the same seeds; resumable row by row.
+    GuidanceTable {
+        /// The bigroc command, split on whitespace (on a GPU machine: `.device/.../run-on-gpu.sh bigroc`).
+        #[arg(long, default_value = "target/release/bigroc")]
+        bigroc: String,
+        /// Diffusion model weights (`sample --model`).
+        #[arg(long)]
+        model: String,
+        /// The vanilla time-dependent classifier.
+        #[arg(long)]
+        vanilla: String,
+        /// The robust time-dependent classifier.
+        #[arg(long)]
+        robust: String,
+        /// FID reference: a `bigroc stats` file of the training images (with features, for
+        /// precision/recall).
+        #[arg(long)]
+        reference: PathBuf,
+        /// FID Inception weights (default: $BIGROC_INCEPTION).
+        #[arg(long)]
+        inception: Option<PathBuf>,
+        /// Rows' samples, grids and JSON results, and table.md.
+        #[arg(long)]
+        out: PathBuf,
+        /// Samples per row.
+        #[arg(long, default_value_t = 5000)]
+        num: usize,
+        /// Guidance scales of each classifier.
+        #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1,2")]
+        scales: Vec<f64>,
+        #[arg(long, default_value = "ddim50")]
+        timestep_respacing: String,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Inception batch size of `eval`.
+        #[arg(long, default_value_t = 250)]
+        eval_batch_size: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Compute dtype of the sampling networks (f32, f16, bf16).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Pack a GPU lease's payload into .device/lease/callN folders (see xtask/device/lease.sh).
+    LeasePack {
+        /// As `cuda-build --toolkit`.
+        #[arg(long, value_name = "DIR")]
+        toolkit: Option<PathBuf>,
+        /// Reuse the CUDA build already in .device/lease/build instead of building again.
+        #[arg(long)]
+        no_build: bool,
+        /// The folder with data/cifar10/*.tar and models/inception-2015-12-05.pt.
+        #[arg(long, default_value = "../shared")]
+        shared: PathBuf,
+    },
 }
 
 fn root() -> PathBuf {
@@ -176,8 +241,53 @@ fn main() -> Result<()> {
             }
             cuda::cuda_build(&root, cuda::Options { compute_cap, out, toolkit, examples, benches, cudnn })?;
         }
+        Task::GuidanceTable {
+            bigroc,
+            model,
+            vanilla,
+            robust,
+            reference,
+            inception,
+            out,
+            num,
+            scales,
+            timestep_respacing,
+            batch_size,
+            eval_batch_size,
+            device,
+            dtype,
+            seed,
+        } => table::guidance_table(&table::Options {
+            bigroc,
+            model,
+            vanilla,
+            robust,
+            reference,
+            inception,
+            out,
+            num,
+            scales,
+            respacing: timestep_respacing,
+            batch_size,
+            eval_batch_size,
+            device,
+            dtype,
+            seed,
+        })?,
+        Task::LeasePack { toolkit, no_build, shared } => {
+            exclude_from_git(&root, "/.device/")?;
+            let shared = if shared.is_absolute() { shared } else { root.join(shared) };
+            lease::pack(&root, &shared, toolkit, !no_build)?
+        }
     }
     Ok(())
+}
+
+/// Writes `path` through a temporary beside it, so a reader never sees half a file.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
 /// A cargo command without the package variables `cargo run` gave this process (CARGO_PKG_NAME
