@@ -107,8 +107,7 @@ pub fn cuda_build(root: &Path, opts: Options) -> Result<()> {
     let mut needed = String::new();
     for (name, exe) in &executables {
         let packed = opts.out.join(format!("{name}-cuda.xz"));
-        let file = fs::File::create(&packed).with_context(|| format!("cannot write {}", packed.display()))?;
-        run(Command::new("xz").args(["-9e", "-T0", "-c"]).arg(exe).stdout(file)).context("xz (xz-utils) is needed to pack")?;
+        crate::xz_into(exe, &packed, "-9e")?;
         let mib = |p: &Path| fs::metadata(p).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(0.0);
         eprintln!("{}: {:.1} MiB ({:.1} MiB unpacked)", packed.display(), mib(&packed), mib(exe));
         if needed.is_empty() {

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{cuda, run};
+use crate::{cuda, xz_into};
 
 /// What one call may carry in all (the device tool's limit).
 const CALL_LIMIT: u64 = 64 << 20;
@@ -58,10 +58,10 @@ pub fn pack(root: &Path, shared: &Path, toolkit: Option<PathBuf>, build: bool) -
         }
     }
     let xtask = std::env::current_exe().context("cannot find this xtask's executable")?;
-    xz_into(&xtask, &staged.join("xtask.xz"))?;
+    xz_into(&xtask, &staged.join("xtask.xz"), "-9e")?;
     for split in ["train", "test"] {
         let tar = shared.join(format!("data/cifar10/{split}.tar"));
-        xz_into(&tar, &staged.join(format!("{split}.tar.xz")))?;
+        xz_into(&tar, &staged.join(format!("{split}.tar.xz")), "-9")?;
     }
     let inception = shared.join("models/inception-2015-12-05.pt");
     let parts = split_into_parts(&inception, &staged, "inception.pt")?;
@@ -120,24 +120,6 @@ fn mib(bytes: u64) -> f64 {
 fn item(path: &Path, name: String) -> Result<Item> {
     let bytes = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
     Ok(Item { source: path.to_path_buf(), name, bytes })
-}
-
-/// `xz -9 -T0` of `source` into `target`, unless `target` is newer than `source` already.
-fn xz_into(source: &Path, target: &Path) -> Result<()> {
-    let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-    if !source.is_file() {
-        bail!("{}: no such file", source.display());
-    }
-    if let (Some(s), Some(t)) = (modified(source), modified(target)) {
-        if t >= s {
-            return Ok(());
-        }
-    }
-    let tmp = target.with_extension("partial");
-    let file = fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    run(Command::new("xz").args(["-9", "-T0", "-c"]).arg(source).stdout(file)).context("xz (xz-utils) is needed to pack")?;
-    fs::rename(&tmp, target)?;
-    Ok(())
 }
 
 /// Splits `source` into `NAME.part01`, `NAME.part02`, ... of [`PART`] bytes in `dir`.

@@ -108,50 +108,7 @@ enum Task {
     },
     /// FID and precision/recall of one diffusion model unguided and guided by a vanilla and a robust
     /// time-dependent classifier at each scale, on the same seeds; resumable row by row.
-    GuidanceTable {
-        /// The bigroc command, split on whitespace (on a GPU machine: `.device/.../run-on-gpu.sh bigroc`).
-        #[arg(long, default_value = "target/release/bigroc")]
-        bigroc: String,
-        /// Diffusion model weights (`sample --model`).
-        #[arg(long)]
-        model: String,
-        /// The vanilla time-dependent classifier.
-        #[arg(long)]
-        vanilla: String,
-        /// The robust time-dependent classifier.
-        #[arg(long)]
-        robust: String,
-        /// FID reference: a `bigroc stats` file of the training images (with features, for
-        /// precision/recall).
-        #[arg(long)]
-        reference: PathBuf,
-        /// FID Inception weights (default: $BIGROC_INCEPTION).
-        #[arg(long)]
-        inception: Option<PathBuf>,
-        /// Rows' samples, grids and JSON results, and table.md.
-        #[arg(long)]
-        out: PathBuf,
-        /// Samples per row.
-        #[arg(long, default_value_t = 5000)]
-        num: usize,
-        /// Guidance scales of each classifier.
-        #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1,2")]
-        scales: Vec<f64>,
-        #[arg(long, default_value = "ddim50")]
-        timestep_respacing: String,
-        #[arg(long, default_value_t = 500)]
-        batch_size: usize,
-        /// Inception batch size of `eval`.
-        #[arg(long, default_value_t = 250)]
-        eval_batch_size: usize,
-        #[arg(long, default_value = "cuda")]
-        device: String,
-        /// Compute dtype of the sampling networks (f32, f16, bf16).
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    GuidanceTable(table::Options),
     /// Pack a GPU lease's payload into .device/lease/callN folders (see xtask/device/lease.sh).
     LeasePack {
         /// As `cuda-build --toolkit`.
@@ -241,39 +198,7 @@ fn main() -> Result<()> {
             }
             cuda::cuda_build(&root, cuda::Options { compute_cap, out, toolkit, examples, benches, cudnn })?;
         }
-        Task::GuidanceTable {
-            bigroc,
-            model,
-            vanilla,
-            robust,
-            reference,
-            inception,
-            out,
-            num,
-            scales,
-            timestep_respacing,
-            batch_size,
-            eval_batch_size,
-            device,
-            dtype,
-            seed,
-        } => table::guidance_table(&table::Options {
-            bigroc,
-            model,
-            vanilla,
-            robust,
-            reference,
-            inception,
-            out,
-            num,
-            scales,
-            respacing: timestep_respacing,
-            batch_size,
-            eval_batch_size,
-            device,
-            dtype,
-            seed,
-        })?,
+        Task::GuidanceTable(options) => table::guidance_table(&options)?,
         Task::LeasePack { toolkit, no_build, shared } => {
             exclude_from_git(&root, "/.device/")?;
             let shared = if shared.is_absolute() { shared } else { root.join(shared) };
@@ -288,6 +213,24 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// `xz PRESET -T0` of `source` into `target` (through a temporary beside it), unless `target` is
+/// already newer than `source`.
+pub(crate) fn xz_into(source: &Path, target: &Path, preset: &str) -> Result<()> {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if !source.is_file() {
+        bail!("{}: no such file", source.display());
+    }
+    if let (Some(s), Some(t)) = (modified(source), modified(target)) {
+        if t >= s {
+            return Ok(());
+        }
+    }
+    let tmp = target.with_extension("partial");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    run(Command::new("xz").args([preset, "-T0", "-c"]).arg(source).stdout(file)).context("xz (xz-utils) is needed to pack")?;
+    std::fs::rename(&tmp, target).with_context(|| format!("cannot rename {} to {}", tmp.display(), target.display()))
 }
 
 /// A cargo command without the package variables `cargo run` gave this process (CARGO_PKG_NAME

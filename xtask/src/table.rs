@@ -16,24 +16,49 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+#[derive(clap::Args)]
 pub struct Options {
-    /// The bigroc command, split on whitespace (e.g. `target/release/bigroc`, or
-    /// `.device/lease/run-on-gpu.sh bigroc` on a GPU machine).
+    /// The bigroc command, split on whitespace (on a GPU machine: `.device/.../run-on-gpu.sh bigroc`).
+    #[arg(long, default_value = "target/release/bigroc")]
     pub bigroc: String,
+    /// Diffusion model weights (`sample --model`).
+    #[arg(long)]
     pub model: String,
+    /// The vanilla time-dependent classifier.
+    #[arg(long)]
     pub vanilla: String,
+    /// The robust time-dependent classifier.
+    #[arg(long)]
     pub robust: String,
-    /// A `bigroc stats` file (or any input `bigroc eval --reference` reads).
+    /// FID reference: a `bigroc stats` file of the training images (with features, for
+    /// precision/recall), or any input `bigroc eval --reference` reads.
+    #[arg(long)]
     pub reference: PathBuf,
+    /// FID Inception weights (default: $BIGROC_INCEPTION).
+    #[arg(long)]
     pub inception: Option<PathBuf>,
+    /// Rows' samples, grids and JSON results, and table.md.
+    #[arg(long)]
     pub out: PathBuf,
+    /// Samples per row.
+    #[arg(long, default_value_t = 5000)]
     pub num: usize,
+    /// Guidance scales of each classifier.
+    #[arg(long, value_delimiter = ',', default_value = "0.25,0.5,1,2")]
     pub scales: Vec<f64>,
+    #[arg(long = "timestep-respacing", default_value = "ddim50")]
     pub respacing: String,
+    #[arg(long, default_value_t = 500)]
     pub batch_size: usize,
+    /// Inception batch size of `eval`.
+    #[arg(long, default_value_t = 250)]
     pub eval_batch_size: usize,
+    #[arg(long, default_value = "cuda")]
     pub device: String,
+    /// Compute dtype of the sampling networks (f32, f16, bf16).
+    #[arg(long, default_value = "f32")]
     pub dtype: String,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
