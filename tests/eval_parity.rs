@@ -12,7 +12,7 @@ use bigroc::eval::fid::{frechet_distance, FidStats};
 use bigroc::eval::images::ImageSet;
 use bigroc::eval::inception_score::inception_score;
 use bigroc::eval::network::{read_inception_tensors, FidInception, WeightsFormat};
-use bigroc::eval::precision_recall::precision_recall;
+use bigroc::eval::precision_recall::{knn_sq_radii, precision_recall, precision_recall_cached};
 use bigroc::eval::stats_file::{read_stats, write_stats};
 use bigroc::eval::torch_archive::read_torch_tensors;
 use bigroc::eval::FeatureSet;
@@ -312,6 +312,31 @@ fn stats_and_stats_file_round_trip() {
     assert_eq!(bs.sigma, stats.sigma);
     assert_eq!(back.features.unwrap().pool, set.pool);
     assert!(!back.has_images);
+}
+
+/// A stats file caches the reference's k-NN radii; precision/recall from them are those computed
+/// from scratch, and a subset of the features does not keep them.
+#[test]
+fn stats_file_caches_knn_radii() {
+    let fx = fixture("eval_precision_recall.safetensors");
+    let (real, fake) = (&fx["real"], &fx["fake"]);
+    let real = real.pad_with_zeros(1, 0, 2048 - real.dim(1).unwrap()).unwrap();
+    let fake = fake.pad_with_zeros(1, 0, 2048 - fake.dim(1).unwrap()).unwrap();
+    let set = FeatureSet {
+        pool: real.flatten_all().unwrap().to_vec1().unwrap(),
+        count: real.dim(0).unwrap(),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ref.npz");
+    write_stats(&path, &set.stats().unwrap(), &set).unwrap();
+    let back = read_stats(&path).unwrap().features.unwrap();
+    let radii = back.knn_sq_radii.clone().expect("radii cached");
+    assert_eq!(radii, knn_sq_radii(&real, 3, 1024).unwrap());
+    let cached = precision_recall_cached(&real, Some(&radii), &fake, 3, 1024).unwrap();
+    assert_eq!(cached, precision_recall(&real, &fake, 3, 1024).unwrap());
+    assert!(back.select("0:10".parse().unwrap()).knn_sq_radii.is_none());
+    assert!(precision_recall_cached(&real, Some(&radii[1..]), &fake, 3, 1024).is_err());
 }
 
 /// Precision/recall with k = 3 against torch-fidelity 0.4.0 (and a float64 numpy transcription of

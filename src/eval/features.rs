@@ -17,6 +17,10 @@ pub struct FeatureSet {
     pub logits: Option<Vec<f32>>,
     pub classes: usize,
     pub count: usize,
+    /// Squared k-NN radii of the pool features (k = `precision_recall::DEFAULT_K`), when a stats
+    /// file cached them: precision against a 50,000-image reference needs them, and computing
+    /// them is a 50,000 x 50,000 distance matrix, the same for every set of samples.
+    pub knn_sq_radii: Option<Vec<f32>>,
 }
 
 impl FeatureSet {
@@ -35,6 +39,7 @@ impl FeatureSet {
                 .extend(l.flatten_all()?.to_vec1::<f32>()?);
         }
         self.count += n;
+        self.knn_sq_radii = None;
         Ok(())
     }
 
@@ -86,6 +91,8 @@ impl FeatureSet {
             logits: self.logits.as_ref().map(|l| pick(l, self.classes)),
             classes: self.classes,
             count: idx.len(),
+            // A subset has other neighbours.
+            knn_sq_radii: None,
         }
     }
 }

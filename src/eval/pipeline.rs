@@ -14,7 +14,7 @@ use super::fid::{frechet_distance, FidStats};
 use super::images::{ImageSet, Selection};
 use super::inception_score::{inception_score, DEFAULT_SPLITS};
 use super::network::{FidInception, INCEPTION_ENV};
-use super::precision_recall::{precision_recall, DEFAULT_BLOCK, DEFAULT_K};
+use super::precision_recall::{precision_recall_cached, DEFAULT_BLOCK, DEFAULT_K};
 use super::stats_file::read_stats;
 
 /// Where this workplace keeps the network; used only when it exists and nothing else is given.
@@ -240,17 +240,14 @@ pub fn compute_metrics(
     }
     if metrics.contains(&Metric::Precision) || metrics.contains(&Metric::Recall) {
         let dev = Device::Cpu;
-        let real = reference
-            .features
-            .as_ref()
-            .context("reference has no features")?
-            .pool_tensor(&dev)?;
+        let real_set = reference.features.as_ref().context("reference has no features")?;
+        let real = real_set.pool_tensor(&dev)?;
         let fake = samples
             .features
             .as_ref()
             .context("samples have no features")?
             .pool_tensor(&dev)?;
-        let pr = precision_recall(&real, &fake, DEFAULT_K, DEFAULT_BLOCK)?;
+        let pr = precision_recall_cached(&real, real_set.knn_sq_radii.as_deref(), &fake, DEFAULT_K, DEFAULT_BLOCK)?;
         if metrics.contains(&Metric::Precision) {
             report.precision = Some(pr.precision);
         }

@@ -87,6 +87,18 @@ pub fn precision_recall(
     k: usize,
     block: usize,
 ) -> Result<PrecisionRecall> {
+    precision_recall_cached(real, None, fake, k, block)
+}
+
+/// [`precision_recall`] with the real set's squared k-NN radii given (as [`knn_sq_radii`] computes
+/// them with the same `k`), e.g. cached in a stats file, instead of computed here.
+pub fn precision_recall_cached(
+    real: &Tensor,
+    real_sq_radii: Option<&[f32]>,
+    fake: &Tensor,
+    k: usize,
+    block: usize,
+) -> Result<PrecisionRecall> {
     let real = real.to_dtype(DType::F32)?.contiguous()?;
     let fake = fake.to_dtype(DType::F32)?.contiguous()?;
     ensure!(
@@ -95,7 +107,13 @@ pub fn precision_recall(
         real.dim(1)?,
         fake.dim(1)?
     );
-    let r_real = knn_sq_radii(&real, k, block)?;
+    let r_real = match real_sq_radii {
+        Some(r) => {
+            ensure!(r.len() == real.dim(0)?, "{} cached radii for {} real features", r.len(), real.dim(0)?);
+            r.to_vec()
+        }
+        None => knn_sq_radii(&real, k, block)?,
+    };
     let r_fake = knn_sq_radii(&fake, k, block)?;
     let (n_real, n_fake) = (real.dim(0)?, fake.dim(0)?);
     let (real_sq, fake_sq) = (sq_norms(&real)?, sq_norms(&fake)?);

@@ -7,7 +7,9 @@
 //! (f32, N x 2048 pool features) so precision/recall need no images, and `logits` (f32) when the
 //! network has a classifier. It reads OpenAI's files too: `mu`/`sigma` for FID, and the images in
 //! `arr_0` when features are needed (mind that OpenAI's statistics come from TensorFlow's own
-//! resize, so they are close to, not identical with, bigroc's).
+//! resize, so they are close to, not identical with, bigroc's). bigroc's files also cache the
+//! features' squared k-NN radii (`knn_sq_radii_k3`, f32, N), which precision needs of the
+//! reference on every evaluation.
 
 use std::path::Path;
 
@@ -17,6 +19,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::features::FeatureSet;
 use super::fid::FidStats;
+use super::precision_recall::{knn_sq_radii, DEFAULT_BLOCK, DEFAULT_K};
+
+/// The array of the cached radii (k = [`DEFAULT_K`]).
+const RADII: &str = "knn_sq_radii_k3";
 
 /// What a statistics / sample `.npz` holds.
 pub struct StatsFile {
@@ -26,7 +32,8 @@ pub struct StatsFile {
     pub has_images: bool,
 }
 
-/// Writes `mu`, `sigma`, `features` (and `logits`) to `path`.
+/// Writes `mu`, `sigma`, `features` (and `logits`) to `path`, and the features' k-NN radii
+/// (computed here unless the set has them; none for sets of k or fewer images).
 pub fn write_stats(path: &Path, stats: &FidStats, features: &FeatureSet) -> Result<()> {
     let dev = Device::Cpu;
     let d = stats.dim;
@@ -35,6 +42,15 @@ pub fn write_stats(path: &Path, stats: &FidStats, features: &FeatureSet) -> Resu
     let feats = features.pool_tensor(&dev)?;
     let mut arrays: Vec<(&str, &Tensor)> =
         vec![("mu", &mu), ("sigma", &sigma), ("features", &feats)];
+    let radii = match &features.knn_sq_radii {
+        Some(r) => Some(r.clone()),
+        None if features.count > DEFAULT_K => Some(knn_sq_radii(&feats, DEFAULT_K, DEFAULT_BLOCK)?),
+        None => None,
+    };
+    let radii = radii.map(|r| Tensor::from_vec(r, features.count, &dev)).transpose()?;
+    if let Some(r) = &radii {
+        arrays.push((RADII, r));
+    }
     let logits;
     if let Some(l) = &features.logits {
         logits = Tensor::from_slice(l, (features.count, features.classes), &dev)?;
@@ -101,6 +117,16 @@ pub fn read_stats(path: &Path) -> Result<StatsFile> {
             );
             set.classes = l.dim(1)?;
             set.logits = Some(l.flatten_all()?.to_vec1()?);
+        }
+        if has(RADII) {
+            let r = load(RADII)?.to_dtype(DType::F32)?;
+            ensure!(
+                r.dims() == [n],
+                "{}: `{RADII}` is {:?}, expected {n} values to match `features`",
+                path.display(),
+                r.dims()
+            );
+            set.knn_sq_radii = Some(r.to_vec1()?);
         }
         Some(set)
     } else {
