@@ -45,14 +45,23 @@ weights_of() {
     if [ -f "$store/runs/$1.safetensors" ]; then echo "$store/runs/$1.safetensors"; else echo "weights/$1.safetensors"; fi
 }
 
+# Decompresses $1 into $2 (through $2.tmp): xz, or Python's lzma on a machine without xz.
+unxz_to() {
+    if command -v xz >/dev/null 2>&1; then
+        xz -dc "$1" > "$2.tmp"
+    else
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1" > "$2.tmp"
+    fi && mv "$2.tmp" "$2"
+}
+
 install() {
     local got=0 f
     for f in .device/lease/call*/*; do
         [ -e "$f" ] || continue
         got=1
         case "$f" in
-            *.tar.xz) xz -dc "$f" > "$store/data/$(basename "$f" .xz).tmp" && mv "$store/data/$(basename "$f" .xz).tmp" "$store/data/$(basename "$f" .xz)" ;;
-            *xtask.xz) xz -dc "$f" > "$store/xtask.tmp" && chmod +x "$store/xtask.tmp" && mv "$store/xtask.tmp" "$store/xtask" ;;
+            *.tar.xz) unxz_to "$f" "$store/data/$(basename "$f" .xz)" ;;
+            *xtask.xz) unxz_to "$f" "$store/xtask" && chmod +x "$store/xtask" ;;
             *) cp "$f" "$store/" ;;
         esac
     done
@@ -95,7 +104,7 @@ start_trainer() {
     else
         start=""
     fi
-    echo "train $name: $start"
+    echo "train $name: ${start:-from a fresh initialization}"
     # shellcheck disable=SC2086
     bigroc train $kind --data "$store/data/train.tar" --output "$output" $flags $common $start \
         --stop-after-minutes "$minutes" > "$store/runs/$name.log" 2>&1 &
