@@ -4,8 +4,8 @@
 //!
 //! Every row is two `bigroc` runs, `sample` then `eval --json`, so the table measures exactly what a
 //! user's commands give. A row is finished when its `ROW.eval.json` exists: a rerun skips finished
-//! rows and `sample` continues an interrupted row's output, so the table survives a GPU lease ending
-//! mid-row. `table.md` is rewritten after every row.
+//! rows, evaluates sampled ones and lets `sample` continue an interrupted row's output, so the table
+//! survives a GPU lease ending mid-row. `table.md` is rewritten after every row.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -111,7 +111,11 @@ pub fn guidance_table(o: &Options) -> Result<()> {
         }
         eprintln!("[{}/{}] {name}", i + 1, all.len());
         let started = Instant::now();
-        run_bigroc(o, &sample_args(o, row))?;
+        // `sample` writes its output once complete (and refuses an existing one): a row whose
+        // evaluation failed keeps its samples.
+        if !o.out.join(format!("{name}.npz")).is_file() {
+            run_bigroc(o, &sample_args(o, row))?;
+        }
         run_bigroc(o, &eval_args(o, row))?;
         eprintln!("[{}/{}] {name}: {:.1} s", i + 1, all.len(), started.elapsed().as_secs_f64());
         write_table(o, &all)?;
