@@ -98,27 +98,16 @@ impl WorkDir {
         device: &Device,
     ) -> Result<(Position, HashMap<String, Tensor>)> {
         let path = self.checkpoint_path();
-        let ck = Checkpoint::load(path.to_str().context("non-UTF-8 work directory")?, device)?;
-        ck.expect_kind(&self.kind)?;
-        // Through text, as the stored copy went (serde_json's float parsing is not exact).
-        let wanted: serde_json::Value = serde_json::from_str(&serde_json::to_value(config)?.to_string())?;
-        if ck.header.config != wanted {
+        let (ck, differences) = load_checked(&path, &self.kind, &serde_json::to_value(config)?, device)?;
+        if let Some(differences) = differences {
             bail!(
-                "{}: the checkpoint was made with other settings ({}); rerun with the same flags or another --work-dir",
-                path.display(),
-                differing_fields(&ck.header.config, &wanted)
+                "{}: the checkpoint was made with other settings ({differences}); rerun with the same flags or another --work-dir",
+                path.display()
             )
         }
         let position: Position = serde_json::from_value(ck.header.info.clone())
             .with_context(|| format!("{}: no training position in the metadata", path.display()))?;
-        for (name, var) in vars.data().lock().expect("var map lock").iter() {
-            let t = ck
-                .tensors
-                .get(&format!("model.{name}"))
-                .with_context(|| format!("{}: missing `model.{name}`", path.display()))?;
-            var.set(&t.to_dtype(var.dtype())?)
-                .with_context(|| format!("{}: `model.{name}` does not fit the model", path.display()))?;
-        }
+        set_vars(vars, &ck.tensors, "model.", &path)?;
         let opt_state: HashMap<String, Tensor> = ck
             .tensors
             .iter()
@@ -165,20 +154,36 @@ impl WorkDir {
 /// with its optimizer state, cannot be moved to). Every variable must be in the file with its
 /// shape, and the file may hold nothing else.
 pub fn warm_start(vars: &VarMap, path: &Path, kind: &str, config: &serde_json::Value, device: &Device) -> Result<()> {
-    let ck = Checkpoint::load(path.to_str().context("non-UTF-8 weights path")?, device)?;
+    let (ck, differences) = load_checked(path, kind, config, device)?;
+    if let Some(differences) = differences {
+        bail!("{}: made for another network than this run's ({differences})", path.display())
+    }
+    set_vars(vars, &ck.tensors, "", path)?;
+    let data = vars.data().lock().expect("var map lock");
+    if let Some(extra) = ck.tensors.keys().find(|k| !data.contains_key(*k)) {
+        bail!("{}: `{extra}` is not a weight of this network", path.display())
+    }
+    Ok(())
+}
+
+/// Loads the file at `path`, which must hold `kind` weights, with the fields in which the
+/// configuration its header stores differs from `config` (None when it is the same).
+fn load_checked(path: &Path, kind: &str, config: &serde_json::Value, device: &Device) -> Result<(Checkpoint, Option<String>)> {
+    let ck = Checkpoint::load(path.to_str().with_context(|| format!("non-UTF-8 path {}", path.display()))?, device)?;
     ck.expect_kind(kind)?;
     // Through text, as the stored copy went (serde_json's float parsing is not exact).
     let wanted: serde_json::Value = serde_json::from_str(&config.to_string())?;
-    if ck.header.config != wanted {
-        bail!("{}: made for another network than this run's ({})", path.display(), differing_fields(&ck.header.config, &wanted))
-    }
-    let data = vars.data().lock().expect("var map lock");
-    for (name, var) in data.iter() {
-        let t = ck.tensors.get(name).with_context(|| format!("{}: missing `{name}`", path.display()))?;
-        var.set(&t.to_dtype(var.dtype())?).with_context(|| format!("{}: `{name}` does not fit the model", path.display()))?;
-    }
-    if let Some(extra) = ck.tensors.keys().find(|k| !data.contains_key(*k)) {
-        bail!("{}: `{extra}` is not a weight of this network", path.display())
+    let differences = (ck.header.config != wanted).then(|| differing_fields(&ck.header.config, &wanted));
+    Ok((ck, differences))
+}
+
+/// Sets every variable of `vars` from the tensor named `prefix` + its name in `tensors` (read
+/// from `path`, for the messages).
+fn set_vars(vars: &VarMap, tensors: &HashMap<String, Tensor>, prefix: &str, path: &Path) -> Result<()> {
+    for (name, var) in vars.data().lock().expect("var map lock").iter() {
+        let key = format!("{prefix}{name}");
+        let t = tensors.get(&key).with_context(|| format!("{}: missing `{key}`", path.display()))?;
+        var.set(&t.to_dtype(var.dtype())?).with_context(|| format!("{}: `{key}` does not fit the model", path.display()))?;
     }
     Ok(())
 }
