@@ -43,11 +43,12 @@ pub fn write_stats(path: &Path, stats: &FidStats, features: &FeatureSet) -> Resu
     let mut arrays: Vec<(&str, &Tensor)> =
         vec![("mu", &mu), ("sigma", &sigma), ("features", &feats)];
     let radii = match &features.knn_sq_radii {
-        Some(r) => Some(r.clone()),
-        None if features.count > DEFAULT_K => Some(knn_sq_radii(&feats, DEFAULT_K, DEFAULT_BLOCK)?),
+        Some(r) => Some(Tensor::from_slice(r, features.count, &dev)?),
+        None if features.count > DEFAULT_K => {
+            Some(Tensor::from_vec(knn_sq_radii(&feats, DEFAULT_K, DEFAULT_BLOCK)?, features.count, &dev)?)
+        }
         None => None,
     };
-    let radii = radii.map(|r| Tensor::from_vec(r, features.count, &dev)).transpose()?;
     if let Some(r) = &radii {
         arrays.push((RADII, r));
     }
