@@ -10,7 +10,7 @@
 //!
 //! On CPU in f32/f64 the forward runs inside the op, one sample at a time (whole samples per thread,
 //! see [`crate::parallel`]): im2col and a gemm written straight into the output (or, for 3x3
-//! stride-1 layers in f32, [`crate::direct_conv`]'s kernel), then scale, shift, residual and ReLU
+//! stride-1 layers in f32, the kernels of [`crate::conv3x3`]), then scale, shift, residual and ReLU
 //! applied while the sample is in cache. The backward likewise: `g * [y > 0] * scale`, `W^T` times it, col2im (and `g * [y > 0]` for
 //! the residual). The ReLU passes the gradient where its
 //! output is positive, as PyTorch's does (candle's own ReLU also passes it at exactly zero). Other
@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 use crate::conv::{conv2d_const_weight, uses_im2col, Geometry};
-use crate::direct_conv;
+use crate::conv3x3::Conv3x3;
 use crate::vector::CpuFloat;
 use crate::matmul::{gemm_threads, matmul, Operand, Write};
 use crate::ops::{contiguous_slice, with_cpu_slice};
@@ -135,11 +135,11 @@ impl ConvBnEval {
             None => (None, None),
         };
         with_cpu_slice(&self.weight, "conv2d_bn_eval", "weight", |weight: &[T]| {
-            let direct = direct_conv::plan(&g, weight);
+            let conv3x3 = Conv3x3::plan(&g, weight);
             let sample = SampleForward {
                 g,
                 weight,
-                direct: direct.as_deref(),
+                conv3x3: conv3x3.as_ref(),
                 scale: scale.as_deref(),
                 shift: shift.as_deref(),
                 relu: self.relu,
@@ -199,8 +199,9 @@ impl ConvBnEval {
 struct SampleForward<'a, T> {
     g: Geometry,
     weight: &'a [T],
-    /// The packed kernel when the direct 3x3 convolution does this layer (see [`direct_conv`]).
-    direct: Option<&'a [f32]>,
+    /// The prepared kernel when this layer is a 3x3 convolution done without im2col (see
+    /// [`crate::conv3x3`]).
+    conv3x3: Option<&'a Conv3x3>,
     scale: Option<&'a [T]>,
     shift: Option<&'a [T]>,
     relu: bool,
@@ -208,13 +209,13 @@ struct SampleForward<'a, T> {
 
 impl<T: CpuFloat> SampleForward<'_, T> {
     /// One thread's scratch: the window buffer of one sample (empty for a pointwise convolution or
-    /// the direct kernel), and the direct kernel's padded input.
-    fn scratch(&self) -> (Vec<T>, Vec<f32>) {
+    /// a 3x3 one done without im2col).
+    fn scratch(&self) -> Vec<T> {
         let g = self.g;
-        if g.is_pointwise() || self.direct.is_some() {
-            (Vec::new(), Vec::new())
+        if g.is_pointwise() || self.conv3x3.is_some() {
+            Vec::new()
         } else {
-            (vec![T::zero(); g.taps() * g.rows.out * g.cols.out], Vec::new())
+            vec![T::zero(); g.taps() * g.rows.out * g.cols.out]
         }
     }
 
@@ -224,16 +225,13 @@ impl<T: CpuFloat> SampleForward<'_, T> {
         x: &[T],
         residual: Option<&[T]>,
         y: &mut [MaybeUninit<T>],
-        (windows, padded): &mut (Vec<T>, Vec<f32>),
+        windows: &mut [T],
         threads: gemm::Parallelism,
     ) {
         let g = self.g;
         let positions = g.rows.out * g.cols.out;
-        if let Some(packed) = self.direct {
-            // SAFETY: `direct` is only set for f32, so `T` is f32.
-            let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) };
-            let x = direct_conv::as_f32(x).expect("direct 3x3 convolution of f32");
-            direct_conv::conv3x3(x, packed, y, padded, (g.c_in, g.c_out, g.rows.n, g.cols.n));
+        if let Some(conv) = self.conv3x3 {
+            conv.run(x, y, (g.c_in, g.c_out, g.rows.n, g.cols.n), threads);
         } else {
             let windows: &[T] = if g.is_pointwise() {
                 x
@@ -324,23 +322,23 @@ impl ConvBnEvalInputGrad {
         with_cpu_slice(&self.weight, "conv2d_bn_eval", "weight", |weight: &[T]| {
             let adjoint_weight = adjoint.map(|_| g.adjoint_kernel(weight));
             let adjoint = adjoint.zip(adjoint_weight.as_deref());
-            let direct = adjoint.and_then(|(a, w)| direct_conv::plan(&a, w));
+            let conv3x3 = adjoint.and_then(|(a, w)| Conv3x3::plan(&a, w));
             let sample = SampleInputGrad {
                 g,
                 weight,
                 adjoint,
-                direct: direct.as_deref(),
+                conv3x3: conv3x3.as_ref(),
                 scale: &scale,
                 relu: self.relu,
             };
             let scratch = || {
                 let windows = match adjoint {
-                    _ if direct.is_some() => Vec::new(),
+                    _ if conv3x3.is_some() => Vec::new(),
                     Some((a, _)) => vec![T::zero(); a.taps() * a.rows.out * a.cols.out],
                     None if g.is_pointwise() => Vec::new(),
                     None => vec![T::zero(); g.taps() * positions],
                 };
-                (vec![T::zero(); sample_out], windows, Vec::new())
+                (vec![T::zero(); sample_out], windows)
             };
             let y = |s: usize| if self.relu { &y[s * sample_out..][..sample_out] } else { &[][..] };
             let grad = |s: usize| &grad[s * sample_out..][..sample_out];
@@ -368,8 +366,9 @@ struct SampleInputGrad<'a, T> {
     /// its kernel (see [`Geometry::stride_one_adjoint`]): a gather instead of col2im's scatter-add of
     /// a 9x larger buffer.
     adjoint: Option<(Geometry, &'a [T])>,
-    /// The adjoint's packed kernel when the direct 3x3 convolution does it (see [`direct_conv`]).
-    direct: Option<&'a [f32]>,
+    /// The adjoint's prepared kernel when it is a 3x3 convolution done without im2col (see
+    /// [`crate::conv3x3`]).
+    conv3x3: Option<&'a Conv3x3>,
     scale: &'a [T],
     relu: bool,
 }
@@ -384,7 +383,7 @@ impl<T: CpuFloat> SampleInputGrad<'_, T> {
         grad: &[T],
         y: &[T],
         out: &mut [T],
-        (scaled, windows, padded): &mut (Vec<T>, Vec<T>, Vec<f32>),
+        (scaled, windows): &mut (Vec<T>, Vec<T>),
         threads: gemm::Parallelism,
     ) {
         let g = self.g;
@@ -402,11 +401,10 @@ impl<T: CpuFloat> SampleInputGrad<'_, T> {
                 }
             }
         }
-        if let Some(packed) = self.direct {
-            let scaled = direct_conv::as_f32(scaled).expect("direct 3x3 convolution of f32");
-            // SAFETY: `direct` is only set for f32, so `T` is f32.
-            let out = unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<f32>]) };
-            direct_conv::conv3x3(scaled, packed, out, padded, (g.c_out, g.c_in, g.rows.n, g.cols.n));
+        if let Some(conv) = self.conv3x3 {
+            // SAFETY: `MaybeUninit<T>` has `T`'s layout; `run` overwrites every entry.
+            let out = unsafe { &mut *(out as *mut [T] as *mut [MaybeUninit<T>]) };
+            conv.run(scaled, out, (g.c_out, g.c_in, g.rows.n, g.cols.n), threads);
             return;
         }
         if let Some((adjoint, kernel)) = self.adjoint {

@@ -14,10 +14,6 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{DType, WithDType};
-
-use crate::conv::Geometry;
-
 /// The widths of the register tiles, in output channels: each with two vectors of 8 positions, side
 /// by side on one row when the map is a multiple of 16 wide, else on two consecutive rows of a map
 /// 8 wide.
@@ -52,24 +48,6 @@ pub(crate) fn supports(c_out: usize, h: usize, w: usize) -> bool {
         let _ = (c_out, h, w);
         false
     }
-}
-
-/// The packed kernel for [`conv3x3`] when a convolution of geometry `g` with this `weight` can use
-/// it: f32, 3x3, stride 1, padding 1, a shape [`supports`] takes. It is then always the faster one:
-/// on one core of this project's 2-core EPYC (AVX2), 86-98 GFLOP/s from 3 to 512 channels on 8x8 to
-/// 32x32 maps, against 40-89 for im2col + gemm (`direct_conv::timing`, an ignored test).
-pub(crate) fn plan<T: WithDType>(g: &Geometry, weight: &[T]) -> Option<Vec<f32>> {
-    let square = |a: &crate::conv::AxisGeometry| a.k == 3 && a.stride == 1 && a.padding == 1;
-    (square(&g.rows) && square(&g.cols) && supports(g.c_out, g.rows.n, g.cols.n))
-        .then(|| as_f32(weight))
-        .flatten()
-        .map(|w| pack_weight(w, g.c_out, g.c_in))
-}
-
-/// `s` as f32 when `T` is f32.
-pub(crate) fn as_f32<T: WithDType>(s: &[T]) -> Option<&[f32]> {
-    // SAFETY: T is f32 itself.
-    (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
 }
 
 /// The kernel `[c_out, c_in, 3, 3]` regrouped for [`conv3x3`]: per block of output channels (see
@@ -246,8 +224,45 @@ impl Tiles {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An input `[c_in, h, w]` and a kernel `[c_out, c_in, 3, 3]` of values in [-1, 1].
+    pub(crate) fn test_operands(c_in: usize, c_out: usize, h: usize, w: usize) -> (Vec<f32>, Vec<f32>) {
+        let x = (0..c_in * h * w).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let weight = (0..c_out * c_in * 9).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
+        (x, weight)
+    }
+
+    /// The 3x3, stride-1, padding-1 convolution summed in f64, and the sums of the terms'
+    /// magnitudes (which bound f32 rounding), both `[c_out, h, w]`.
+    pub(crate) fn naive_conv3x3(x: &[f32], weight: &[f32], (c_in, c_out, h, w): (usize, usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
+        let mut expected = vec![0f64; c_out * h * w];
+        let mut magnitude = vec![0f64; c_out * h * w];
+        for co in 0..c_out {
+            for r in 0..h {
+                for col in 0..w {
+                    let (mut sum, mut abs_sum) = (0f64, 0f64);
+                    for ci in 0..c_in {
+                        for i in 0..3 {
+                            for j in 0..3 {
+                                let (rr, cc) = (r as isize + i as isize - 1, col as isize + j as isize - 1);
+                                if rr >= 0 && cc >= 0 && (rr as usize) < h && (cc as usize) < w {
+                                    let term = weight[((co * c_in + ci) * 3 + i) * 3 + j] as f64
+                                        * x[(ci * h + rr as usize) * w + cc as usize] as f64;
+                                    sum += term;
+                                    abs_sum += term.abs();
+                                }
+                            }
+                        }
+                    }
+                    expected[(co * h + r) * w + col] = sum;
+                    magnitude[(co * h + r) * w + col] = abs_sum;
+                }
+            }
+        }
+        (expected, magnitude)
+    }
 
     /// The channel blocks tile every even count from 4 exactly, wide blocks first.
     #[test]
@@ -273,33 +288,8 @@ mod tests {
                 eprintln!("skipping {c_in}x{c_out} {h}x{w}: no AVX2/FMA");
                 continue;
             }
-            let x: Vec<f32> = (0..c_in * h * w).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
-            let weight: Vec<f32> = (0..c_out * c_in * 9).map(|i| ((i * 104729) % 97) as f32 / 48.0 - 1.0).collect();
-            // The exact sums, and the sums of the terms' magnitudes (which bound f32 rounding).
-            let mut expected = vec![0f64; c_out * h * w];
-            let mut magnitude = vec![0f64; c_out * h * w];
-            for co in 0..c_out {
-                for r in 0..h {
-                    for col in 0..w {
-                        let (mut sum, mut abs_sum) = (0f64, 0f64);
-                        for ci in 0..c_in {
-                            for i in 0..3 {
-                                for j in 0..3 {
-                                    let (rr, cc) = (r as isize + i as isize - 1, col as isize + j as isize - 1);
-                                    if rr >= 0 && cc >= 0 && (rr as usize) < h && (cc as usize) < w {
-                                        let term = weight[((co * c_in + ci) * 3 + i) * 3 + j] as f64
-                                            * x[(ci * h + rr as usize) * w + cc as usize] as f64;
-                                        sum += term;
-                                        abs_sum += term.abs();
-                                    }
-                                }
-                            }
-                        }
-                        expected[(co * h + r) * w + col] = sum;
-                        magnitude[(co * h + r) * w + col] = abs_sum;
-                    }
-                }
-            }
+            let (x, weight) = test_operands(c_in, c_out, h, w);
+            let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
             let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
             conv3x3(&x, &pack_weight(&weight, c_out, c_in), &mut y, &mut Vec::new(), (c_in, c_out, h, w));
             // A missed or repeated term is off by one term's size (about 0.25), far above this.

@@ -192,6 +192,28 @@ fn forward_and_input_grad_match_candle_f32() -> Result<()> {
     check_all(DType::F32, 1e-4)
 }
 
+/// 3x3 stride-1 layers of 128 or more channels each way on even maps of 8x8 and up, which take
+/// Winograd's F(2x2, 3x3) on CPU in f32 (forward, and the input gradient as the adjoint
+/// convolution): against candle's convolution and its autograd, for one sample (gemm's own threads)
+/// and for a batch (whole samples per thread).
+#[test]
+fn wide_3x3_layers_match_candle_f32() -> Result<()> {
+    for (seed, &(b, c_in, c_out, h, w)) in [(1, 128, 136, 8, 10), (3, 160, 128, 12, 8)].iter().enumerate() {
+        let seed = 500 + 3 * seed as u64;
+        let x = randn(seed, &[b, c_in, h, w], DType::F32)?;
+        let wt = (randn(seed + 1, &[c_out, c_in, 3, 3], DType::F32)? / (9.0 * c_in as f64).sqrt())?;
+        let expected = x.conv2d(&wt, 1, 1, 1, 1)?;
+        let fwd_err = rel_err(&conv2d_const_weight(&x, &wt, 1, 1)?, &expected)?;
+        let g = randn(seed + 2, expected.dims(), DType::F32)?;
+        let ours = autograd_input_grad(&x, &g, |x| conv2d_const_weight(x, &wt, 1, 1))?;
+        let candle = autograd_input_grad(&x, &g, |x| x.conv2d(&wt, 1, 1, 1, 1))?;
+        let grad_err = rel_err(&ours, &candle)?;
+        println!("{b}x{c_in}->{c_out} {h}x{w}: forward {fwd_err:.2e}, input gradient {grad_err:.2e}");
+        assert!(fwd_err <= 1e-5 && grad_err <= 1e-5, "{b}x{c_in}->{c_out} {h}x{w}: forward {fwd_err:.2e}, gradient {grad_err:.2e}");
+    }
+    Ok(())
+}
+
 /// x -> conv 3x3 s1 -> tanh -> conv 3x3 s2 -> silu -> conv 1x1 s2, gradient of a random projection:
 /// against candle's autograd through `Tensor::conv2d`, and against central finite differences.
 #[test]

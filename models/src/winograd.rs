@@ -1,0 +1,238 @@
+//! Winograd's F(2x2, 3x3) convolution of one sample, f32: 3x3 kernel, stride 1, padding 1, a map
+//! of even height and width.
+//!
+//! A direct convolution spends 36 multiply-adds on each 2x2 output tile of every (output, input)
+//! channel pair; this one spends 16 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+//! Networks", 2016). The kernel and every 4x4 input patch (the tile's window) go to a 4x4
+//! transformed domain, `U = G g G^T` and `V = B^T d B`, where the convolution is the elementwise
+//! product summed over input channels: 16 matrix products `[c_out, c_in] x [c_in, tiles]`, which
+//! gemm does. The output tile comes back as `A^T M A`. The transforms of the input and the output
+//! are additions only, so with a hundred or more channels the products are nearly all the work.
+//! Only the transformed kernel rounds differently from the direct sum (the factors 1/2 of `G`); the
+//! results agree with a direct convolution to a few f32 ulps of the terms' magnitude.
+
+use std::mem::MaybeUninit;
+
+use crate::matmul::{matmul, Operand, Write};
+
+/// Entries of a transformed 4x4 tile; the products are one matrix product per entry.
+const ENTRIES: usize = 16;
+
+/// Whether [`conv3x3`] takes a map of `h x w`: it works in 2x2 output tiles.
+pub(crate) fn supports(h: usize, w: usize) -> bool {
+    h > 0 && w > 0 && h % 2 == 0 && w % 2 == 0
+}
+
+/// The kernel `[c_out, c_in, 3, 3]` in the transformed domain: `[16, c_out, c_in]`, matrix
+/// `4a + b` holding entry `(a, b)` of `G g G^T` for every channel pair (computed in f64).
+pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+    assert_eq!(weight.len(), c_out * c_in * 9, "winograd: kernel of {c_out}x{c_in}x3x3 expected");
+    // `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` applied to three values.
+    let g = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    let pairs = c_out * c_in;
+    let mut transformed = vec![0f32; ENTRIES * pairs];
+    for (pair, k) in weight.chunks_exact(9).enumerate() {
+        let k = |i: usize, j: usize| k[i * 3 + j] as f64;
+        // G applied to each column of the kernel, then to each row of that.
+        let columns: [[f64; 4]; 3] = std::array::from_fn(|j| g(k(0, j), k(1, j), k(2, j)));
+        for a in 0..4 {
+            for (b, u) in g(columns[0][a], columns[1][a], columns[2][a]).into_iter().enumerate() {
+                transformed[(a * 4 + b) * pairs + pair] = u as f32;
+            }
+        }
+    }
+    transformed
+}
+
+/// One thread's buffers for [`conv3x3`], grown on first use and reused.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// The transformed input, `[16, c_in, tiles]`.
+    input: Vec<f32>,
+    /// The products, `[16, c_out, tiles]`.
+    products: Vec<f32>,
+}
+
+/// `y = conv2d(x, weight, stride 1, padding 1)` for one sample: `x` `[c_in, h, w]`, `y` `[c_out, h,
+/// w]` (overwritten), `kernel` from [`transform_kernel`]; `threads` is gemm's parallelism.
+pub(crate) fn conv3x3(
+    x: &[f32],
+    kernel: &[f32],
+    y: &mut [MaybeUninit<f32>],
+    scratch: &mut Scratch,
+    (c_in, c_out, h, w): (usize, usize, usize, usize),
+    threads: gemm::Parallelism,
+) {
+    assert!(supports(h, w), "winograd: a {h}x{w} map is not made of 2x2 tiles");
+    assert!(x.len() == c_in * h * w && y.len() == c_out * h * w && kernel.len() == ENTRIES * c_out * c_in);
+    let tiles = (h / 2) * (w / 2);
+    scratch.input.resize(ENTRIES * c_in * tiles, 0.0);
+    scratch.products.resize(ENTRIES * c_out * tiles, 0.0);
+    transform_input(x, &mut scratch.input, c_in, h, w);
+    for entry in 0..ENTRIES {
+        let u = &kernel[entry * c_out * c_in..][..c_out * c_in];
+        let v = &scratch.input[entry * c_in * tiles..][..c_in * tiles];
+        let m = &mut scratch.products[entry * c_out * tiles..][..c_out * tiles];
+        // SAFETY: `m` holds c_out x tiles entries, `u` c_out x c_in and `v` c_in x tiles.
+        unsafe { matmul(m.as_mut_ptr(), Write::Overwrite, u, Operand::RowMajor, v, Operand::RowMajor, (c_out, c_in, tiles), threads) };
+    }
+    transform_output(&scratch.products, y, c_out, h, w);
+}
+
+/// `V = B^T d B` for every 4x4 patch `d` (rows `2i-1 ..= 2i+2`, columns `2j-1 ..= 2j+2` of the
+/// zero-padded plane) of every channel, into `v` `[16, c_in, tiles]`, tiles row-major. With
+/// `B^T = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]]` both passes are differences of
+/// neighbours: the rows of a band of 4 first, then the columns of each result.
+fn transform_input(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
+    let (tile_rows, tile_cols) = (h / 2, w / 2);
+    let tiles = tile_rows * tile_cols;
+    let zeros = vec![0f32; w];
+    // The row pass's four results over the padded columns; the padding columns stay zero.
+    let mut t = [(); 4].map(|_| vec![0f32; w + 2]);
+    for (ci, plane) in x.chunks_exact(h * w).enumerate() {
+        let row = |r: usize| if (1..=h).contains(&r) { &plane[(r - 1) * w..][..w] } else { &zeros[..] };
+        for i in 0..tile_rows {
+            // Padded rows 2i ..= 2i + 3.
+            let [d0, d1, d2, d3] = [row(2 * i), row(2 * i + 1), row(2 * i + 2), row(2 * i + 3)];
+            let [t0, t1, t2, t3] = &mut t;
+            let (t0, t1, t2, t3) = (&mut t0[1..=w], &mut t1[1..=w], &mut t2[1..=w], &mut t3[1..=w]);
+            for c in 0..w {
+                t0[c] = d0[c] - d2[c];
+                t1[c] = d1[c] + d2[c];
+                t2[c] = d2[c] - d1[c];
+                t3[c] = d1[c] - d3[c];
+            }
+            // The column pass: tile j's patch is padded columns 2j ..= 2j + 3.
+            for (a, t) in t.iter().enumerate() {
+                let entry = |b: usize| ((a * 4 + b) * c_in + ci) * tiles + i * tile_cols;
+                let [v0, v1, v2, v3] = [0, 1, 2, 3].map(entry);
+                for (j, (now, next)) in t.chunks_exact(2).zip(t[2..].chunks_exact(2)).enumerate() {
+                    v[v0 + j] = now[0] - next[0];
+                    v[v1 + j] = now[1] + next[0];
+                    v[v2 + j] = next[0] - now[1];
+                    v[v3 + j] = now[1] - next[1];
+                }
+            }
+        }
+    }
+}
+
+/// `y = A^T M A` for every tile, with `A^T = [[1,1,1,0], [0,1,-1,-1]]`: the 2x2 output tile at
+/// rows `2i, 2i+1` and columns `2j, 2j+1` from entry `(a, b)` of the tile's products in
+/// `products[4a + b, co, tile]`.
+fn transform_output(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
+    let (tile_rows, tile_cols) = (h / 2, w / 2);
+    let tiles = tile_rows * tile_cols;
+    // Per tile of the row: p_a = m[a][0] + m[a][1] + m[a][2] and q_a = m[a][1] - m[a][2] - m[a][3].
+    let mut p = [(); 4].map(|_| vec![0f32; tile_cols]);
+    let mut q = [(); 4].map(|_| vec![0f32; tile_cols]);
+    for (co, plane) in y.chunks_exact_mut(h * w).enumerate() {
+        for (i, rows) in plane.chunks_exact_mut(2 * w).enumerate() {
+            let m = |entry: usize| &products[(entry * c_out + co) * tiles + i * tile_cols..][..tile_cols];
+            for a in 0..4 {
+                let [m0, m1, m2, m3] = [m(4 * a), m(4 * a + 1), m(4 * a + 2), m(4 * a + 3)];
+                let (p, q) = (&mut p[a][..tile_cols], &mut q[a][..tile_cols]);
+                for j in 0..tile_cols {
+                    p[j] = m0[j] + m1[j] + m2[j];
+                    q[j] = m1[j] - m2[j] - m3[j];
+                }
+            }
+            let (top, bottom) = rows.split_at_mut(w);
+            for (j, (top, bottom)) in top.chunks_exact_mut(2).zip(bottom.chunks_exact_mut(2)).enumerate() {
+                top[0].write(p[0][j] + p[1][j] + p[2][j]);
+                top[1].write(q[0][j] + q[1][j] + q[2][j]);
+                bottom[0].write(p[1][j] - p[2][j] - p[3][j]);
+                bottom[1].write(q[1][j] - q[2][j] - q[3][j]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::direct_conv::tests::{naive_conv3x3, test_operands};
+
+    /// Against a naive convolution: square and oblong maps, 2x2 up to 32x32, odd channel counts,
+    /// more input channels than gemm's inner block.
+    #[test]
+    fn matches_naive_convolution() {
+        for &(c_in, c_out, h, w) in &[(1, 1, 2, 2), (3, 8, 8, 8), (5, 3, 6, 16), (7, 16, 32, 32), (2, 5, 4, 10), (300, 6, 4, 4), (9, 10, 16, 8)] {
+            let (x, weight) = test_operands(c_in, c_out, h, w);
+            let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
+            let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
+            let kernel = transform_kernel(&weight, c_out, c_in);
+            conv3x3(&x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
+            // A missed or repeated term is off by one term's size (about 0.25), far above this.
+            for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
+                let a = unsafe { a.assume_init() };
+                assert!((a as f64 - b).abs() <= 4e-6 * (1.0 + m), "{c_in}x{c_out} {h}x{w}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// The scratch buffers carry nothing from one call to the next, even from a larger shape.
+    #[test]
+    fn scratch_reuse_is_harmless() {
+        let mut scratch = Scratch::default();
+        for &(c_in, c_out, h, w) in &[(8, 8, 16, 16), (3, 4, 4, 6)] {
+            let (x, weight) = test_operands(c_in, c_out, h, w);
+            let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
+            let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
+            conv3x3(&x, &transform_kernel(&weight, c_out, c_in), &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
+            for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
+                assert!((unsafe { a.assume_init() } as f64 - b).abs() <= 4e-6 * (1.0 + m));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::direct_conv;
+
+    /// `cargo test --release -p bigroc-models --lib winograd::timing -- --ignored --nocapture`: one
+    /// core, Winograd against the direct kernel, each over a batch of 16 distinct samples in turn
+    /// (as the ops run them), mean of the best of 5 passes; GFLOP/s of the direct convolution's
+    /// multiply-adds.
+    #[test]
+    #[ignore]
+    fn winograd_against_direct() {
+        for &(c_in, c_out, hw) in &[(3, 32, 32), (32, 32, 32), (64, 64, 32), (128, 128, 32), (256, 128, 32), (384, 128, 32), (256, 256, 32), (32, 32, 16), (64, 64, 16), (128, 256, 16), (256, 256, 16), (384, 256, 16), (512, 256, 16), (64, 64, 8), (256, 256, 8), (512, 256, 8), (256, 256, 4), (512, 512, 4)] {
+            let samples = 16;
+            let (x, weight) = direct_conv::tests::test_operands(c_in, c_out, hw, hw);
+            let xs: Vec<Vec<f32>> = (0..samples).map(|k| x.iter().map(|v| v * (1.0 + k as f32 * 0.01)).collect()).collect();
+            let mut ys = vec![MaybeUninit::new(0f32); samples * c_out * hw * hw];
+            let flops = 2.0 * (samples * c_out * c_in * 9 * hw * hw) as f64;
+            let best = |f: &mut dyn FnMut()| {
+                (0..5)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        f();
+                        flops / t.elapsed().as_secs_f64() / 1e9
+                    })
+                    .fold(0f64, f64::max)
+            };
+            let kernel = transform_kernel(&weight, c_out, c_in);
+            let mut scratch = Scratch::default();
+            let winograd = best(&mut || {
+                for (x, y) in xs.iter().zip(ys.chunks_exact_mut(c_out * hw * hw)) {
+                    conv3x3(x, &kernel, y, &mut scratch, (c_in, c_out, hw, hw), gemm::Parallelism::None);
+                }
+            });
+            let direct = if direct_conv::supports(c_out, hw, hw) {
+                let packed = direct_conv::pack_weight(&weight, c_out, c_in);
+                let mut padded = Vec::new();
+                best(&mut || {
+                    for (x, y) in xs.iter().zip(ys.chunks_exact_mut(c_out * hw * hw)) {
+                        direct_conv::conv3x3(x, &packed, y, &mut padded, (c_in, c_out, hw, hw));
+                    }
+                })
+            } else {
+                f64::NAN
+            };
+            println!("{c_in}->{c_out} {hw}x{hw}: winograd {winograd:.1} GFLOP/s, direct {direct:.1} (x{:.2})", winograd / direct);
+        }
+    }
+}
