@@ -14,13 +14,14 @@
 use std::mem::MaybeUninit;
 
 use crate::matmul::{matmul, Operand, Write};
+use crate::vector::with_avx2;
 
 /// Entries of a transformed 4x4 tile; the products are one matrix product per entry.
 const ENTRIES: usize = 16;
 
 /// Whether [`conv3x3`] takes a map of `h x w`: it works in 2x2 output tiles.
 pub(crate) fn supports(h: usize, w: usize) -> bool {
-    h > 0 && w > 0 && h % 2 == 0 && w % 2 == 0
+    h > 0 && w > 0 && h.is_multiple_of(2) && w.is_multiple_of(2)
 }
 
 /// The kernel `[c_out, c_in, 3, 3]` in the transformed domain: `[16, c_out, c_in]`, matrix
@@ -84,7 +85,23 @@ pub(crate) fn conv3x3(
 /// `B^T = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]]` both passes are differences of
 /// neighbours: the rows of a band of 4 first, then the columns of each result.
 fn transform_input(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
-    let (tile_rows, tile_cols) = (h / 2, w / 2);
+    with_avx2!(transform_input_avx2, (x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize), {
+        match w / 2 {
+            4 => transform_input_loops::<4>(x, v, c_in, h, w),
+            8 => transform_input_loops::<8>(x, v, c_in, h, w),
+            16 => transform_input_loops::<16>(x, v, c_in, h, w),
+            _ => transform_input_loops::<0>(x, v, c_in, h, w),
+        }
+    })
+}
+
+/// [`transform_input`]'s loops, inlined into each of its two compilations. `TILE_COLS` is `w / 2`
+/// when not 0: with the trip count known, the compiler vectorizes short rows whole (otherwise rows
+/// of 8 or 4 tiles ran entirely in its scalar remainder loop).
+#[inline(always)]
+fn transform_input_loops<const TILE_COLS: usize>(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
+    let (w, tile_cols) = if TILE_COLS > 0 { (2 * TILE_COLS, TILE_COLS) } else { (w, w / 2) };
+    let tile_rows = h / 2;
     let tiles = tile_rows * tile_cols;
     let zeros = vec![0f32; w];
     // The row pass's four results over the padded columns; the padding columns stay zero.
@@ -102,18 +119,51 @@ fn transform_input(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
                 t2[c] = d2[c] - d1[c];
                 t3[c] = d1[c] - d3[c];
             }
-            // The column pass: tile j's patch is padded columns 2j ..= 2j + 3.
             for (a, t) in t.iter().enumerate() {
-                let entry = |b: usize| ((a * 4 + b) * c_in + ci) * tiles + i * tile_cols;
-                let [v0, v1, v2, v3] = [0, 1, 2, 3].map(entry);
-                for (j, (now, next)) in t.chunks_exact(2).zip(t[2..].chunks_exact(2)).enumerate() {
-                    v[v0 + j] = now[0] - next[0];
-                    v[v1 + j] = now[1] + next[0];
-                    v[v2 + j] = next[0] - now[1];
-                    v[v3 + j] = now[1] - next[1];
-                }
+                let entry = |b: usize| {
+                    let start = ((a * 4 + b) * c_in + ci) * tiles + i * tile_cols;
+                    start..start + tile_cols
+                };
+                column_pass(t, v.get_disjoint_mut([0, 1, 2, 3].map(entry)).expect("distinct entries"));
             }
         }
+    }
+}
+
+/// The column pass of [`transform_input`] on one row-pass result `t` over the padded columns
+/// (`2n + 2` of them): tile `j` takes columns `2j ..= 2j + 3`, and `v[b][j]` is entry `b` of `B^T` times
+/// them. Four tiles at a time with SSE (part of x86_64), whose shuffles split the columns by
+/// parity: the compiler unrolled the strided reads into scalar code.
+#[inline]
+fn column_pass(t: &[f32], [v0, v1, v2, v3]: [&mut [f32]; 4]) {
+    let n = v0.len();
+    assert!(t.len() == 2 * n + 2 && v1.len() == n && v2.len() == n && v3.len() == n);
+    #[allow(unused_mut)]
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    while j + 4 <= n {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE is part of x86_64; the loads read t[2j .. 2j + 10] (within 2n + 2) and the
+        // stores write v[b][j .. j + 4].
+        unsafe {
+            let at = t.as_ptr().add(2 * j);
+            let split = |lo: *const f32| {
+                let (lo, hi) = (_mm_loadu_ps(lo), _mm_loadu_ps(lo.add(4)));
+                (_mm_shuffle_ps::<0b10_00_10_00>(lo, hi), _mm_shuffle_ps::<0b11_01_11_01>(lo, hi))
+            };
+            let ((even, odd), (even_next, odd_next)) = (split(at), split(at.add(2)));
+            _mm_storeu_ps(v0.as_mut_ptr().add(j), _mm_sub_ps(even, even_next));
+            _mm_storeu_ps(v1.as_mut_ptr().add(j), _mm_add_ps(odd, even_next));
+            _mm_storeu_ps(v2.as_mut_ptr().add(j), _mm_sub_ps(even_next, odd));
+            _mm_storeu_ps(v3.as_mut_ptr().add(j), _mm_sub_ps(odd, odd_next));
+        }
+        j += 4;
+    }
+    for j in j..n {
+        v0[j] = t[2 * j] - t[2 * j + 2];
+        v1[j] = t[2 * j + 1] + t[2 * j + 2];
+        v2[j] = t[2 * j + 2] - t[2 * j + 1];
+        v3[j] = t[2 * j + 1] - t[2 * j + 3];
     }
 }
 
@@ -121,30 +171,70 @@ fn transform_input(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
 /// rows `2i, 2i+1` and columns `2j, 2j+1` from entry `(a, b)` of the tile's products in
 /// `products[4a + b, co, tile]`.
 fn transform_output(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
-    let (tile_rows, tile_cols) = (h / 2, w / 2);
-    let tiles = tile_rows * tile_cols;
-    // Per tile of the row: p_a = m[a][0] + m[a][1] + m[a][2] and q_a = m[a][1] - m[a][2] - m[a][3].
-    let mut p = [(); 4].map(|_| vec![0f32; tile_cols]);
-    let mut q = [(); 4].map(|_| vec![0f32; tile_cols]);
+    with_avx2!(transform_output_avx2, (products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize), {
+        match w / 2 {
+            4 => transform_output_loops::<4>(products, y, c_out, h, w),
+            8 => transform_output_loops::<8>(products, y, c_out, h, w),
+            16 => transform_output_loops::<16>(products, y, c_out, h, w),
+            _ => transform_output_loops::<0>(products, y, c_out, h, w),
+        }
+    })
+}
+
+/// [`transform_output`]'s loops, inlined into each of its two compilations (`TILE_COLS` as in
+/// [`transform_input_loops`]).
+#[inline(always)]
+fn transform_output_loops<const TILE_COLS: usize>(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
+    let (w, tile_cols) = if TILE_COLS > 0 { (2 * TILE_COLS, TILE_COLS) } else { (w, w / 2) };
+    let tiles = (h / 2) * tile_cols;
     for (co, plane) in y.chunks_exact_mut(h * w).enumerate() {
         for (i, rows) in plane.chunks_exact_mut(2 * w).enumerate() {
-            let m = |entry: usize| &products[(entry * c_out + co) * tiles + i * tile_cols..][..tile_cols];
-            for a in 0..4 {
-                let [m0, m1, m2, m3] = [m(4 * a), m(4 * a + 1), m(4 * a + 2), m(4 * a + 3)];
-                let (p, q) = (&mut p[a][..tile_cols], &mut q[a][..tile_cols]);
-                for j in 0..tile_cols {
-                    p[j] = m0[j] + m1[j] + m2[j];
-                    q[j] = m1[j] - m2[j] - m3[j];
-                }
-            }
+            let m: [&[f32]; ENTRIES] =
+                std::array::from_fn(|entry| &products[(entry * c_out + co) * tiles + i * tile_cols..][..tile_cols]);
             let (top, bottom) = rows.split_at_mut(w);
-            for (j, (top, bottom)) in top.chunks_exact_mut(2).zip(bottom.chunks_exact_mut(2)).enumerate() {
-                top[0].write(p[0][j] + p[1][j] + p[2][j]);
-                top[1].write(q[0][j] + q[1][j] + q[2][j]);
-                bottom[0].write(p[1][j] - p[2][j] - p[3][j]);
-                bottom[1].write(q[1][j] - q[2][j] - q[3][j]);
+            output_tiles(m, top, bottom);
+        }
+    }
+}
+
+/// One row of output tiles: from the products `m[4a + b][j]` of each tile `j`, its 2x2 outputs
+/// into `top[2j ..= 2j + 1]` and `bottom[2j ..= 2j + 1]`. Columns first,
+/// `p_a = m[a][0] + m[a][1] + m[a][2]` and `q_a = m[a][1] - m[a][2] - m[a][3]`, then rows. Four tiles at a time with SSE,
+/// whose unpacks interleave the two columns of each output row.
+#[inline]
+fn output_tiles(m: [&[f32]; ENTRIES], top: &mut [MaybeUninit<f32>], bottom: &mut [MaybeUninit<f32>]) {
+    let n = m[0].len();
+    assert!(m.iter().all(|m| m.len() == n) && top.len() == 2 * n && bottom.len() == 2 * n);
+    #[allow(unused_mut)]
+    let mut j = 0;
+    #[cfg(target_arch = "x86_64")]
+    while j + 4 <= n {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE is part of x86_64; the loads read m[k][j .. j + 4] and the stores write
+        // top and bottom [2j .. 2j + 8].
+        unsafe {
+            let m: [__m128; ENTRIES] = std::array::from_fn(|k| _mm_loadu_ps(m[k].as_ptr().add(j)));
+            let p: [__m128; 4] = std::array::from_fn(|a| _mm_add_ps(_mm_add_ps(m[4 * a], m[4 * a + 1]), m[4 * a + 2]));
+            let q: [__m128; 4] = std::array::from_fn(|a| _mm_sub_ps(_mm_sub_ps(m[4 * a + 1], m[4 * a + 2]), m[4 * a + 3]));
+            let rows = [
+                (top.as_mut_ptr(), _mm_add_ps(_mm_add_ps(p[0], p[1]), p[2]), _mm_add_ps(_mm_add_ps(q[0], q[1]), q[2])),
+                (bottom.as_mut_ptr(), _mm_sub_ps(_mm_sub_ps(p[1], p[2]), p[3]), _mm_sub_ps(_mm_sub_ps(q[1], q[2]), q[3])),
+            ];
+            for (row, left, right) in rows {
+                let row = (row as *mut f32).add(2 * j);
+                _mm_storeu_ps(row, _mm_unpacklo_ps(left, right));
+                _mm_storeu_ps(row.add(4), _mm_unpackhi_ps(left, right));
             }
         }
+        j += 4;
+    }
+    for j in j..n {
+        let p: [f32; 4] = std::array::from_fn(|a| m[4 * a][j] + m[4 * a + 1][j] + m[4 * a + 2][j]);
+        let q: [f32; 4] = std::array::from_fn(|a| m[4 * a + 1][j] - m[4 * a + 2][j] - m[4 * a + 3][j]);
+        top[2 * j].write(p[0] + p[1] + p[2]);
+        top[2 * j + 1].write(q[0] + q[1] + q[2]);
+        bottom[2 * j].write(p[1] - p[2] - p[3]);
+        bottom[2 * j + 1].write(q[1] - q[2] - q[3]);
     }
 }
 
