@@ -1,12 +1,14 @@
 //! The f32 3x3, stride-1, padding-1 convolutions of one sample that the CPU ops run without
-//! im2col: Winograd's F(2x2, 3x3) ([`crate::winograd`]) where the layer has 128 or more channels
-//! each way on a map of 8x8 or more, else the direct kernel ([`crate::direct_conv`]) where it takes
-//! the shape.
+//! im2col: Winograd's F(2x2, 3x3) ([`crate::winograd`]) for layers of 128 or more channels each way
+//! on maps of 8x8 and up, or 64 or more on 32x32 and up; else the direct kernel
+//! ([`crate::direct_conv`]) where it takes the shape (it beats im2col + gemm there: 101-112 GFLOP/s
+//! on one core against 62-103, `direct_conv::timing`).
 //!
 //! On one core of this project's 2-core EPYC, over batches of 16 distinct samples
-//! (`winograd::timing`, an ignored test): Winograd did 138-170 GFLOP/s of the direct convolution's
-//! multiply-adds on 128-512 channels at 8x8 to 32x32, 1.44-1.83x the direct kernel; with 64
-//! channels it lost (0.82-0.91x), and on 4x4 maps its 4 tiles leave gemm too little (33-43 GFLOP/s).
+//! (`winograd::timing`, an ignored test, two runs): Winograd did 136-198 GFLOP/s of the direct
+//! convolution's multiply-adds on 128-512 channels at 8x8 to 32x32, 1.46-1.95x the direct kernel,
+//! and 1.39-1.52x on 64 channels at 32x32; with 64 channels at 16x16 it gained 1.00-1.20x, at 8x8
+//! it lost (0.97-0.99x), and on 4x4 maps its 4 tiles leave gemm too little (27-48 GFLOP/s).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -37,9 +39,11 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
-/// Whether Winograd does a layer of `c_in -> c_out` channels on an `h x w` map.
+/// Whether Winograd does a layer of `c_in -> c_out` channels on an `h x w` map: 128 or more
+/// channels each way from 8x8 up, 64 or more from 32x32 up.
 fn winograd_wins(c_in: usize, c_out: usize, h: usize, w: usize) -> bool {
-    winograd::supports(h, w) && h.min(w) >= 8 && c_in.min(c_out) >= 128
+    let (channels, side) = (c_in.min(c_out), h.min(w));
+    winograd::supports(h, w) && ((channels >= 128 && side >= 8) || (channels >= 64 && side >= 32))
 }
 
 impl Conv3x3 {
