@@ -9,11 +9,11 @@
 //! [`conv2d_const_weight`] skips the kernel gradient and computes the input gradient as the adjoint of
 //! the convolution:
 //! * on CPU in f32/f64, one sample at a time (`conv_bn.rs`): for stride 1 the adjoint is a
-//!   convolution of the output gradient with the flipped, channel-swapped kernel (the direct 3x3
-//!   kernel of `direct_conv.rs`, or a gather and a gemm); otherwise, the way PyTorch does, one gemm
-//!   gives every output position's contributions to its window (`W^T g`) and col2im adds them into
-//!   the input positions the window covers. The forward is im2col and one gemm per sample (or the
-//!   direct kernel);
+//!   convolution of the output gradient with the flipped, channel-swapped kernel (for a 3x3 kernel in
+//!   f32 one of `conv3x3.rs`'s, Winograd or the direct kernel; else a gather and a gemm); otherwise,
+//!   the way PyTorch does, one gemm gives every output position's contributions to its window
+//!   (`W^T g`) and col2im adds them into the input positions the window covers. The forward is
+//!   im2col and one gemm per sample (or a kernel of `conv3x3.rs`);
 //! * elsewhere (CUDA, half precision) with candle's own forward `conv2d` only: the output gradient,
 //!   spread out with `s - 1` zeros between neighbours for stride `s`, convolved with the weight flipped
 //!   in both spatial dimensions and with in/out channels swapped, padded by `k - 1 - p` (plus one more
