@@ -74,9 +74,9 @@ impl Conv3x3 {
         shape: (usize, usize, usize, usize),
         threads: gemm::Parallelism,
     ) {
+        // `as_f32` checks that T is f32 (a plan is only made for f32).
         let x = as_f32(x).expect("a planned 3x3 convolution is f32");
-        assert_eq!(T::DTYPE, DType::F32);
-        // SAFETY: T is f32 (checked just above).
+        // SAFETY: T is f32, so the two slice types are the same.
         let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) };
         SCRATCH.with_borrow_mut(|scratch| match self {
             Conv3x3::Direct(packed) => direct_conv::conv3x3(x, packed, y, &mut scratch.padded, shape),
