@@ -78,9 +78,15 @@ impl Conv3x3 {
         let x = as_f32(x).expect("a planned 3x3 convolution is f32");
         // SAFETY: T is f32, so the two slice types are the same.
         let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) };
-        SCRATCH.with_borrow_mut(|scratch| match self {
+        let mut run = |scratch: &mut Scratch| match self {
             Conv3x3::Direct(packed) => direct_conv::conv3x3(x, packed, y, &mut scratch.padded, shape),
             Conv3x3::Winograd(kernel) => winograd::conv3x3(x, kernel, y, &mut scratch.winograd, shape, threads),
+        };
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => run(&mut scratch),
+            // Re-entered on this thread: a caller's rayon task stolen while gemm's threads run
+            // (`threads` is rayon's then) may be another convolution. It gets buffers of its own.
+            Err(_) => run(&mut Scratch::default()),
         })
     }
 }
@@ -89,4 +95,27 @@ impl Conv3x3 {
 fn as_f32<T: WithDType>(s: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 itself.
     (T::DTYPE == DType::F32).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A convolution started while this thread's buffers are in use (re-entered through a stolen
+    /// rayon task) runs on buffers of its own and gives the same result.
+    #[test]
+    fn reentrant_run_uses_its_own_buffers() {
+        let shape @ (c_in, c_out, h, w) = (128, 128, 8, 8);
+        let (x, weight) = direct_conv::tests::test_operands(c_in, c_out, h, w);
+        let plan = Conv3x3::Winograd(winograd::transform_kernel(&weight, c_out, c_in));
+        let run = || {
+            let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
+            plan.run(&x, &mut y, shape, gemm::Parallelism::None);
+            y.into_iter().map(|v| unsafe { v.assume_init() }.to_bits()).collect::<Vec<_>>()
+        };
+        let alone = run();
+        let nested = SCRATCH.with_borrow_mut(|_in_use| run());
+        assert_eq!(alone, nested);
+        assert!(alone.iter().all(|&b| f32::from_bits(b).is_finite()));
+    }
 }
