@@ -173,20 +173,15 @@ fn column_pass(t: &[f32], [v0, v1, v2, v3]: [&mut [f32]; 4]) {
 /// `products[4a + b, co, tile]`.
 fn transform_output(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
     with_avx2!(transform_output_avx2, (products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize), {
-        match w / 2 {
-            4 => transform_output_loops::<4>(products, y, c_out, h, w),
-            8 => transform_output_loops::<8>(products, y, c_out, h, w),
-            16 => transform_output_loops::<16>(products, y, c_out, h, w),
-            _ => transform_output_loops::<0>(products, y, c_out, h, w),
-        }
+        transform_output_loops(products, y, c_out, h, w)
     })
 }
 
-/// [`transform_output`]'s loops, inlined into each of its two compilations (`TILE_COLS` as in
-/// [`transform_input_loops`]).
+/// [`transform_output`]'s loops, inlined into each of its two compilations. Unlike the input's,
+/// they need no known row width: [`output_tiles`] works in fixed blocks of four tiles.
 #[inline(always)]
-fn transform_output_loops<const TILE_COLS: usize>(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
-    let (w, tile_cols) = if TILE_COLS > 0 { (2 * TILE_COLS, TILE_COLS) } else { (w, w / 2) };
+fn transform_output_loops(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
+    let tile_cols = w / 2;
     let tiles = (h / 2) * tile_cols;
     for (co, plane) in y.chunks_exact_mut(h * w).enumerate() {
         for (i, rows) in plane.chunks_exact_mut(2 * w).enumerate() {
