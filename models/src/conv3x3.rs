@@ -1,6 +1,6 @@
-//! The f32 3x3, stride-1, padding-1 convolutions of one sample that the CPU ops run without
-//! im2col: Winograd's F(2x2, 3x3) ([`crate::winograd`]) for layers of 128 or more channels each way
-//! on maps of 8x8 and up, or 64 or more on 32x32 and up; else the direct kernel
+//! The f32 3x3, stride-1, padding-1 convolutions that the CPU ops run without im2col: Winograd's
+//! F(2x2, 3x3) ([`crate::winograd`]) for layers of 128 or more channels each way on maps of 8x8
+//! and up (4x4 in groups of samples), or 64 or more on 32x32 and up; else the direct kernel
 //! ([`crate::direct_conv`]) where it takes the shape (it beats im2col + gemm there: 101-112 GFLOP/s
 //! on one core against 62-103, `direct_conv::timing`).
 //!
@@ -8,7 +8,8 @@
 //! (`winograd::timing`, an ignored test, two runs): Winograd did 136-198 GFLOP/s of the direct
 //! convolution's multiply-adds on 128-512 channels at 8x8 to 32x32, 1.46-1.95x the direct kernel,
 //! and 1.39-1.52x on 64 channels at 32x32; with 64 channels at 16x16 it gained 1.00-1.20x, at 8x8
-//! it lost (0.97-0.99x), and on 4x4 maps its 4 tiles leave gemm too little (27-48 GFLOP/s).
+//! it lost (0.97-0.99x). On 4x4 maps one sample's 4 tiles leave gemm too little (37-88 GFLOP/s);
+//! 16 samples per call did 132-179 (128-2048 channels), where im2col + gemm did 72-102.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -16,6 +17,7 @@ use std::mem::MaybeUninit;
 use candle_core::{DType, WithDType};
 
 use crate::conv::Geometry;
+use crate::parallel::split_by_sample;
 use crate::{direct_conv, winograd};
 
 /// A layer's kernel, prepared for the convolution that does it.
@@ -39,11 +41,33 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
-/// Whether Winograd does a layer of `c_in -> c_out` channels on an `h x w` map: 128 or more
-/// channels each way from 8x8 up, 64 or more from 32x32 up.
-fn winograd_wins(c_in: usize, c_out: usize, h: usize, w: usize) -> bool {
-    let (channels, side) = (c_in.min(c_out), h.min(w));
-    winograd::supports(h, w) && ((channels >= 128 && side >= 8) || (channels >= 64 && side >= 32))
+/// Whether Winograd does the layer of geometry `g`: 128 or more channels each way on maps whose
+/// products get 16 or more columns per call (8x8 maps and up alone, 4x4 maps in groups of 4 or
+/// more samples), or 64 or more channels from 32x32 up.
+fn winograd_wins(g: &Geometry) -> bool {
+    let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
+    let columns = tiles(g) * winograd_group(g);
+    winograd::supports(g.rows.n, g.cols.n) && ((channels >= 128 && side >= 4 && columns >= 16) || (channels >= 64 && side >= 32))
+}
+
+/// How many samples one Winograd call takes for a layer of geometry `g`. One sample of an 8x8 or
+/// larger map gives each product 16 or more columns, which gemm runs at full speed (grouping only
+/// grew the working set: 8x8 maps did 137-178 GFLOP/s in groups of 4 or 16 against 139-183
+/// alone); a 4x4 map's 4 columns leave it at 37-88 GFLOP/s alone and 132-179 in groups of 16
+/// (`winograd::timing`). Never more than a thread's share of the batch.
+fn winograd_group(g: &Geometry) -> usize {
+    let per_thread = if split_by_sample(g.b) { g.b.div_ceil(crate::parallel::threads()) } else { g.b };
+    let tiles = tiles(g);
+    if tiles >= 16 {
+        1
+    } else {
+        (64 / tiles.max(1)).clamp(1, per_thread.max(1))
+    }
+}
+
+/// The 2x2 output tiles of one sample.
+fn tiles(g: &Geometry) -> usize {
+    (g.rows.n / 2) * (g.cols.n / 2)
 }
 
 impl Conv3x3 {
@@ -56,7 +80,7 @@ impl Conv3x3 {
         }
         let weight = as_f32(weight)?;
         let (c_in, c_out, h, w) = (g.c_in, g.c_out, g.rows.n, g.cols.n);
-        if winograd_wins(c_in, c_out, h, w) {
+        if winograd_wins(g) {
             Some(Conv3x3::Winograd(winograd::transform_kernel(weight, c_out, c_in)))
         } else if direct_conv::supports(c_out, h, w) {
             Some(Conv3x3::Direct(direct_conv::pack_weight(weight, c_out, c_in)))
@@ -65,8 +89,18 @@ impl Conv3x3 {
         }
     }
 
-    /// `y = conv2d(x, weight, stride 1, padding 1)` for one sample of the planned geometry: `x`
-    /// `[c_in, h, w]`, `y` `[c_out, h, w]` (overwritten); `threads` is gemm's parallelism.
+    /// How many samples one [`Conv3x3::run`] of geometry `g` (the one planned for) takes: the
+    /// direct kernel goes one sample at a time, Winograd takes 16 of a 4x4 map at once.
+    pub(crate) fn group(&self, g: &Geometry) -> usize {
+        match self {
+            Conv3x3::Direct(_) => 1,
+            Conv3x3::Winograd(_) => winograd_group(g),
+        }
+    }
+
+    /// `y = conv2d(x, weight, stride 1, padding 1)` for samples of the planned geometry, as many as
+    /// `x` holds: `x` `[n, c_in, h, w]`, `y` `[n, c_out, h, w]` (overwritten); `threads` is gemm's
+    /// parallelism.
     pub(crate) fn run<T: WithDType>(
         &self,
         x: &[T],
@@ -78,8 +112,13 @@ impl Conv3x3 {
         let x = as_f32(x).expect("a planned 3x3 convolution is f32");
         // SAFETY: T is f32, so the two slice types are the same.
         let y = unsafe { &mut *(y as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) };
+        let (c_in, c_out, h, w) = shape;
         let mut run = |scratch: &mut Scratch| match self {
-            Conv3x3::Direct(packed) => direct_conv::conv3x3(x, packed, y, &mut scratch.padded, shape),
+            Conv3x3::Direct(packed) => {
+                for (x, y) in x.chunks_exact(c_in * h * w).zip(y.chunks_exact_mut(c_out * h * w)) {
+                    direct_conv::conv3x3(x, packed, y, &mut scratch.padded, shape)
+                }
+            }
             Conv3x3::Winograd(kernel) => winograd::conv3x3(x, kernel, y, &mut scratch.winograd, shape, threads),
         };
         SCRATCH.with(|cell| match cell.try_borrow_mut() {

@@ -145,17 +145,20 @@ impl ConvBnEval {
                 relu: self.relu,
             };
             let (sample_in, sample_out) = (g.c_in * g.rows.n * g.cols.n, g.c_out * g.rows.out * g.cols.out);
-            let residual = |s: usize| residual.map(|r| &r[s * sample_out..][..sample_out]);
+            let group = samples_per_call(conv3x3.as_ref(), &g);
+            // The samples `s ..` that the output chunk `y` holds.
+            let x = |s: usize, y: &[MaybeUninit<T>]| &x[s * sample_in..][..y.len() / sample_out * sample_in];
+            let residual = |s: usize, y: &[MaybeUninit<T>]| residual.map(|r| &r[s * sample_out..][..y.len()]);
             let mut out: Vec<T> = Vec::with_capacity(g.b * sample_out);
             let dst = &mut out.spare_capacity_mut()[..g.b * sample_out];
             if split_by_sample(g.b) {
-                parallel::for_each_chunk(dst, sample_out, || sample.scratch(), |scratch, s, y| {
-                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, scratch, gemm::Parallelism::None)
+                parallel::for_each_chunk(dst, group * sample_out, || sample.scratch(), |scratch, i, y| {
+                    sample.run(x(i * group, y), residual(i * group, y), y, scratch, gemm::Parallelism::None)
                 });
             } else {
                 let mut scratch = sample.scratch();
-                for (s, y) in dst.chunks_mut(sample_out).enumerate() {
-                    sample.run(&x[s * sample_in..][..sample_in], residual(s), y, &mut scratch, gemm_threads());
+                for (i, y) in dst.chunks_mut(group * sample_out).enumerate() {
+                    sample.run(x(i * group, y), residual(i * group, y), y, &mut scratch, gemm_threads());
                 }
             }
             // SAFETY: `run` wrote every element of every sample's output.
@@ -219,7 +222,8 @@ impl<T: CpuFloat> SampleForward<'_, T> {
         }
     }
 
-    /// `y = relu?(W x * scale + shift + residual?)` for one sample; writes all of `y`.
+    /// `y = relu?(W x * scale + shift + residual?)` for the samples in `x` (several only with a
+    /// planned 3x3 kernel, see [`samples_per_call`]); writes all of `y`.
     fn run(
         &self,
         x: &[T],
@@ -233,6 +237,7 @@ impl<T: CpuFloat> SampleForward<'_, T> {
         if let Some(conv) = self.conv3x3 {
             conv.run(x, y, (g.c_in, g.c_out, g.rows.n, g.cols.n), threads);
         } else {
+            assert_eq!(y.len(), g.c_out * positions, "conv2d_bn_eval: im2col takes one sample per call");
             let windows: &[T] = if g.is_pointwise() {
                 x
             } else {
@@ -258,14 +263,16 @@ impl<T: CpuFloat> SampleForward<'_, T> {
         if self.scale.is_none() && residual.is_none() && !self.relu {
             return;
         }
-        for (c, plane) in y.chunks_mut(positions).enumerate() {
+        // Planes of channel `i % c_out`, sample after sample.
+        for (i, plane) in y.chunks_mut(positions).enumerate() {
+            let c = i % g.c_out;
             let (a, b) = match (self.scale, self.shift) {
                 (Some(scale), Some(shift)) => (scale[c], shift[c]),
                 _ => (T::one(), T::zero()),
             };
             match residual {
                 Some(r) => {
-                    let r = &r[c * positions..(c + 1) * positions];
+                    let r = &r[i * positions..(i + 1) * positions];
                     for (v, &r) in plane.iter_mut().zip(r) {
                         *v = *v * a + b + r;
                     }
@@ -277,6 +284,12 @@ impl<T: CpuFloat> SampleForward<'_, T> {
             }
         }
     }
+}
+
+/// How many samples each call of a forward or input-gradient convolution of geometry `g` takes:
+/// several for Winograd on 4x4 maps ([`Conv3x3::group`]), else one.
+fn samples_per_call(conv3x3: Option<&Conv3x3>, g: &Geometry) -> usize {
+    conv3x3.map_or(1, |conv| conv.group(g))
 }
 
 /// The input gradient of `conv2d(x, weight)` for an `x` of `geometry`'s shape given the output's
@@ -323,6 +336,7 @@ impl ConvBnEvalInputGrad {
             let adjoint_weight = adjoint.map(|_| g.adjoint_kernel(weight));
             let adjoint = adjoint.zip(adjoint_weight.as_deref());
             let conv3x3 = adjoint.and_then(|(a, w)| Conv3x3::plan(&a, w));
+            let group = adjoint.map_or(1, |(a, _)| samples_per_call(conv3x3.as_ref(), &a));
             let sample = SampleInputGrad {
                 g,
                 weight,
@@ -338,19 +352,21 @@ impl ConvBnEvalInputGrad {
                     None if g.is_pointwise() => Vec::new(),
                     None => vec![T::zero(); g.taps() * positions],
                 };
-                (vec![T::zero(); sample_out], windows)
+                (vec![T::zero(); group * sample_out], windows)
             };
-            let y = |s: usize| if self.relu { &y[s * sample_out..][..sample_out] } else { &[][..] };
-            let grad = |s: usize| &grad[s * sample_out..][..sample_out];
+            // The samples `s ..` that the input-gradient chunk `out` holds.
+            let samples = |s: usize, out: &[T]| s * sample_out..(s + out.len() / sample_in) * sample_out;
+            let y = |s: usize, out: &[T]| if self.relu { &y[samples(s, out)] } else { &[][..] };
+            let grad = |s: usize, out: &[T]| &grad[samples(s, out)];
             let mut out = vec![T::zero(); g.b * sample_in];
             if split_by_sample(g.b) {
-                parallel::for_each_chunk_init(&mut out, sample_in, scratch, |scratch, s, out| {
-                    sample.run(grad(s), y(s), out, scratch, gemm::Parallelism::None)
+                parallel::for_each_chunk_init(&mut out, group * sample_in, scratch, |scratch, i, out| {
+                    sample.run(grad(i * group, out), y(i * group, out), out, scratch, gemm::Parallelism::None)
                 });
             } else {
                 let mut scratch = scratch();
-                for (s, out) in out.chunks_mut(sample_in).enumerate() {
-                    sample.run(grad(s), y(s), out, &mut scratch, gemm_threads());
+                for (i, out) in out.chunks_mut(group * sample_in).enumerate() {
+                    sample.run(grad(i * group, out), y(i * group, out), out, &mut scratch, gemm_threads());
                 }
             }
             out
@@ -374,8 +390,9 @@ struct SampleInputGrad<'a, T> {
 }
 
 impl<T: CpuFloat> SampleInputGrad<'_, T> {
-    /// Adds the sample's input gradient into `out` (zeros on entry) given its output gradient `grad`
-    /// and output `y` (empty without the ReLU); `scaled` (`[c_out, positions]`) and `windows`
+    /// Adds the samples' input gradient into `out` (zeros on entry) given their output gradient
+    /// `grad` and output `y` (empty without the ReLU); several samples only with a planned 3x3
+    /// kernel (see [`samples_per_call`]). `scaled` (`[samples, c_out, positions]`) and `windows`
     /// (`[taps, positions]`, the adjoint's windows with one, empty for a pointwise convolution) are
     /// scratch.
     fn run(
@@ -388,10 +405,12 @@ impl<T: CpuFloat> SampleInputGrad<'_, T> {
     ) {
         let g = self.g;
         let positions = g.rows.out * g.cols.out;
-        for (c, dst) in scaled.chunks_mut(positions).enumerate() {
-            let (a, grad) = (self.scale[c], &grad[c * positions..][..positions]);
+        let scaled = &mut scaled[..grad.len()];
+        // Planes of channel `i % c_out`, sample after sample.
+        for (i, dst) in scaled.chunks_mut(positions).enumerate() {
+            let (a, grad) = (self.scale[i % g.c_out], &grad[i * positions..][..positions]);
             if self.relu {
-                let y = &y[c * positions..][..positions];
+                let y = &y[i * positions..][..positions];
                 for ((d, &g), &y) in dst.iter_mut().zip(grad).zip(y) {
                     *d = if y > T::zero() { g * a } else { T::zero() };
                 }
@@ -407,6 +426,7 @@ impl<T: CpuFloat> SampleInputGrad<'_, T> {
             conv.run(scaled, out, (g.c_out, g.c_in, g.rows.n, g.cols.n), threads);
             return;
         }
+        assert_eq!(grad.len(), g.c_out * positions, "conv2d_bn_eval: the input gradient's gemm takes one sample per call");
         if let Some((adjoint, kernel)) = self.adjoint {
             adjoint.gather_sample(windows, scaled);
             let shape = (g.c_in, adjoint.taps(), g.rows.n * g.cols.n);
@@ -674,33 +694,38 @@ mod tests {
         Ok(())
     }
 
-    /// Shapes that do not fit are refused with the shape at fault.
-    /// f32 on shapes the direct 3x3 kernel takes (maps 8, 16 and 32 wide; forward and, through the
-    /// adjoint, the input gradient) against the composed ops in f64.
+    /// f32 on shapes the planned 3x3 kernels take (forward and, through the adjoint, the input
+    /// gradient; with the residual) against the composed ops in f64: the direct kernel (maps 8, 16
+    /// and 32 wide) and Winograd on a 4x4 map, whose samples go in groups (9 samples: 5 and 4 on two
+    /// threads).
     #[test]
-    fn direct_kernel_shapes_match_composed_ops() -> Result<()> {
+    fn planned_3x3_shapes_match_composed_ops() -> Result<()> {
         let dev = Device::Cpu;
-        for (c_in, c_out, hw) in [(3, 8, 32), (8, 4, 16), (4, 8, 8)] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, c_in, hw, hw), &dev)?)?;
-            let w = Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &dev)?;
+        for (b, c_in, c_out, hw) in [(2, 3, 8, 32), (2, 8, 4, 16), (2, 4, 8, 8), (9, 128, 136, 4)] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c_in, hw, hw), &dev)?)?;
+            let w = (Tensor::randn(0f32, 1., (c_out, c_in, 3, 3), &dev)? / (c_in as f64).sqrt())?;
             let scale = Tensor::randn(0f32, 1., c_out, &dev)?;
             let shift = Tensor::randn(0f32, 1., c_out, &dev)?;
-            let g = Tensor::randn(0f32, 1., (2, c_out, hw, hw), &dev)?;
-            let y = conv2d_bn_eval(x.as_tensor(), &w, &scale, &shift, None, true, 1, 1)?;
-            let gx = (&y * &g)?.sum_all()?.backward()?.get(x.as_tensor()).expect("input gradient").clone();
-            let x64 = Var::from_tensor(&x.to_dtype(candle_core::DType::F64)?)?;
+            let r = Var::from_tensor(&Tensor::randn(0f32, 1., (b, c_out, hw, hw), &dev)?)?;
+            let g = Tensor::randn(0f32, 1., (b, c_out, hw, hw), &dev)?;
+            let y = conv2d_bn_eval(x.as_tensor(), &w, &scale, &shift, Some(r.as_tensor()), true, 1, 1)?;
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            let (gx, gr) = (grads.get(x.as_tensor()).expect("input gradient"), grads.get(r.as_tensor()).expect("residual gradient"));
             let f64_of = |t: &Tensor| t.to_dtype(candle_core::DType::F64);
-            let y64 = composed(x64.as_tensor(), &f64_of(&w)?, &f64_of(&scale)?, &f64_of(&shift)?, None, true, 1, 1)?;
-            let gx64 = (&y64 * f64_of(&g)?)?.sum_all()?.backward()?.get(x64.as_tensor()).expect("input gradient").clone();
-            for (name, ours, exact) in [("output", y, y64), ("input gradient", gx, gx64)] {
-                let err = (f64_of(&ours)? - &exact)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            let (x64, r64) = (Var::from_tensor(&f64_of(&x)?)?, Var::from_tensor(&f64_of(&r)?)?);
+            let y64 = composed(x64.as_tensor(), &f64_of(&w)?, &f64_of(&scale)?, &f64_of(&shift)?, Some(r64.as_tensor()), true, 1, 1)?;
+            let grads64 = (&y64 * f64_of(&g)?)?.sum_all()?.backward()?;
+            let (gx64, gr64) = (grads64.get(x64.as_tensor()).expect("input gradient"), grads64.get(r64.as_tensor()).expect("residual gradient"));
+            for (name, ours, exact) in [("output", &y, &y64), ("input gradient", gx, gx64), ("residual gradient", gr, gr64)] {
+                let err = (f64_of(ours)? - exact)?.abs()?.max_all()?.to_scalar::<f64>()?;
                 let size = exact.abs()?.max_all()?.to_scalar::<f64>()?;
-                assert!(err <= 1e-5 * size, "{c_in}->{c_out} {hw}x{hw} {name}: {err} (max {size})");
+                assert!(err <= 1e-5 * size, "{b}x{c_in}->{c_out} {hw}x{hw} {name}: {err} (max {size})");
             }
         }
         Ok(())
     }
 
+    /// Shapes that do not fit are refused with the shape at fault.
     #[test]
     fn rejects_mismatched_shapes() -> Result<()> {
         let dev = Device::Cpu;

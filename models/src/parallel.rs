@@ -30,7 +30,8 @@ pub(crate) fn split_by_sample(b: usize) -> bool {
 /// holds up no other. Each thread gets one `scratch()` for all the chunks it takes (window buffers and
 /// the like); the chunks are uninitialized on entry and `f` must write every element of its chunk.
 ///
-/// Returns once every chunk is done; `data.len()` must be a multiple of `len`.
+/// Returns once every chunk is done. The last chunk is shorter when `data.len()` is not a multiple
+/// of `len`.
 pub(crate) fn for_each_chunk<T, S, F>(
     data: &mut [MaybeUninit<T>],
     len: usize,
@@ -40,8 +41,8 @@ pub(crate) fn for_each_chunk<T, S, F>(
     T: Send,
     F: Fn(&mut S, usize, &mut [MaybeUninit<T>]) + Sync,
 {
-    assert!(len > 0 && data.len() % len == 0, "for_each_chunk: {} elements in chunks of {len}", data.len());
-    let chunks = data.len() / len;
+    assert!(len > 0, "for_each_chunk: chunks of 0 elements");
+    let (total, chunks) = (data.len(), data.len().div_ceil(len));
     let base = data.as_mut_ptr() as usize;
     let cursor = AtomicUsize::new(0);
     let work = |_thread: usize| {
@@ -54,7 +55,7 @@ pub(crate) fn for_each_chunk<T, S, F>(
             // SAFETY: the cursor hands every index in 0..chunks to exactly one thread, so the chunks
             // are disjoint, and all lie inside `data`, which outlives this call.
             let chunk = unsafe {
-                std::slice::from_raw_parts_mut((base as *mut MaybeUninit<T>).add(i * len), len)
+                std::slice::from_raw_parts_mut((base as *mut MaybeUninit<T>).add(i * len), len.min(total - i * len))
             };
             f(state.get_or_insert_with(&scratch), i, chunk);
         }
@@ -84,6 +85,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_last_chunk_is_visited() {
+        let mut data = vec![0usize; 7];
+        for_each_chunk_init(&mut data, 3, || (), |_, i, chunk| chunk.iter_mut().for_each(|v| *v = i + 1));
+        assert_eq!(data, [1, 1, 1, 2, 2, 2, 3]);
+    }
 
     #[test]
     fn every_chunk_is_visited_once() {

@@ -1,5 +1,5 @@
-//! Winograd's F(2x2, 3x3) convolution of one sample, f32: 3x3 kernel, stride 1, padding 1, a map
-//! of even height and width.
+//! Winograd's F(2x2, 3x3) convolution of a group of samples, f32: 3x3 kernel, stride 1, padding 1,
+//! a map of even height and width.
 //!
 //! A direct convolution spends 36 multiply-adds on each 2x2 output tile of every (output, input)
 //! channel pair; this one spends 16 (Lavin & Gray, "Fast Algorithms for Convolutional Neural
@@ -49,14 +49,17 @@ pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec
 /// One thread's buffers for [`conv3x3`], grown on first use and reused.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    /// The transformed input, `[16, c_in, tiles]`.
+    /// The transformed input, `[16, c_in, samples * tiles]`.
     input: Vec<f32>,
-    /// The products, `[16, c_out, tiles]`.
+    /// The products, `[16, c_out, samples * tiles]`.
     products: Vec<f32>,
 }
 
-/// `y = conv2d(x, weight, stride 1, padding 1)` for one sample: `x` `[c_in, h, w]`, `y` `[c_out, h,
-/// w]` (overwritten), `kernel` from [`transform_kernel`]; `threads` is gemm's parallelism.
+/// `y = conv2d(x, weight, stride 1, padding 1)` for a group of samples: `x` `[n, c_in, h, w]`, `y`
+/// `[n, c_out, h, w]` (overwritten), `kernel` from [`transform_kernel`]; `threads` is gemm's
+/// parallelism. The samples' tiles sit side by side in each of the 16 products, `[c_out, c_in] x
+/// [c_in, n * tiles]`: on small maps (16 tiles on 8x8, 4 on 4x4) one sample alone leaves gemm too
+/// narrow a product to run fast.
 pub(crate) fn conv3x3(
     x: &[f32],
     kernel: &[f32],
@@ -66,32 +69,49 @@ pub(crate) fn conv3x3(
     threads: gemm::Parallelism,
 ) {
     assert!(supports(h, w), "winograd: a {h}x{w} map is not made of 2x2 tiles");
-    assert!(x.len() == c_in * h * w && y.len() == c_out * h * w && kernel.len() == ENTRIES * c_out * c_in);
+    let (sample_in, sample_out) = (c_in * h * w, c_out * h * w);
+    let n = x.len() / sample_in.max(1);
+    assert!(x.len() == n * sample_in && y.len() == n * sample_out && kernel.len() == ENTRIES * c_out * c_in);
     let tiles = (h / 2) * (w / 2);
-    scratch.input.resize(ENTRIES * c_in * tiles, 0.0);
-    scratch.products.resize(ENTRIES * c_out * tiles, 0.0);
-    transform_input(x, &mut scratch.input, c_in, h, w);
+    let columns = n * tiles;
+    scratch.input.resize(ENTRIES * c_in * columns, 0.0);
+    scratch.products.resize(ENTRIES * c_out * columns, 0.0);
+    for (s, x) in x.chunks_exact(sample_in).enumerate() {
+        transform_input(x, &mut scratch.input, Columns { count: columns, first: s * tiles }, c_in, h, w);
+    }
     for entry in 0..ENTRIES {
         let u = &kernel[entry * c_out * c_in..][..c_out * c_in];
-        let v = &scratch.input[entry * c_in * tiles..][..c_in * tiles];
-        let m = &mut scratch.products[entry * c_out * tiles..][..c_out * tiles];
-        // SAFETY: `m` holds c_out x tiles entries, `u` c_out x c_in and `v` c_in x tiles.
-        unsafe { matmul(m.as_mut_ptr(), Write::Overwrite, u, Operand::RowMajor, v, Operand::RowMajor, (c_out, c_in, tiles), threads) };
+        let v = &scratch.input[entry * c_in * columns..][..c_in * columns];
+        let m = &mut scratch.products[entry * c_out * columns..][..c_out * columns];
+        // SAFETY: `m` holds c_out x columns entries, `u` c_out x c_in and `v` c_in x columns.
+        unsafe { matmul(m.as_mut_ptr(), Write::Overwrite, u, Operand::RowMajor, v, Operand::RowMajor, (c_out, c_in, columns), threads) };
     }
-    transform_output(&scratch.products, y, c_out, h, w);
+    for (s, y) in y.chunks_exact_mut(sample_out).enumerate() {
+        transform_output(&scratch.products, y, Columns { count: columns, first: s * tiles }, c_out, h, w);
+    }
+}
+
+/// Where one sample's tiles are in a transformed matrix's rows: `count` columns in all, the
+/// sample's from `first` on.
+#[derive(Clone, Copy)]
+struct Columns {
+    count: usize,
+    first: usize,
 }
 
 /// `V = B^T d B` for every 4x4 patch `d` (rows `2i-1 ..= 2i+2`, columns `2j-1 ..= 2j+2` of the
-/// zero-padded plane) of every channel, into `v` `[16, c_in, tiles]`, tiles row-major. With
+/// zero-padded plane) of every channel of one sample, into its `columns` of `v` `[16, c_in,
+/// columns.count]`, tiles row-major. With
 /// `B^T = [[1,0,-1,0], [0,1,1,0], [0,-1,1,0], [0,1,0,-1]]` both passes are differences of
 /// neighbours: the rows of a band of 4 first, then the columns of each result.
-fn transform_input(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
-    with_avx2!(transform_input_avx2, (x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize), {
+fn transform_input(x: &[f32], v: &mut [f32], columns: Columns, c_in: usize, h: usize, w: usize) {
+    with_avx2!(transform_input_avx2, (x: &[f32], v: &mut [f32], columns: Columns, c_in: usize, h: usize, w: usize), {
         match w / 2 {
-            4 => transform_input_loops::<4>(x, v, c_in, h, w),
-            8 => transform_input_loops::<8>(x, v, c_in, h, w),
-            16 => transform_input_loops::<16>(x, v, c_in, h, w),
-            _ => transform_input_loops::<0>(x, v, c_in, h, w),
+            2 => transform_input_loops::<2>(x, v, columns, c_in, h, w),
+            4 => transform_input_loops::<4>(x, v, columns, c_in, h, w),
+            8 => transform_input_loops::<8>(x, v, columns, c_in, h, w),
+            16 => transform_input_loops::<16>(x, v, columns, c_in, h, w),
+            _ => transform_input_loops::<0>(x, v, columns, c_in, h, w),
         }
     })
 }
@@ -100,10 +120,9 @@ fn transform_input(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
 /// when not 0: with the trip count known, the compiler vectorizes short rows whole (otherwise rows
 /// of 8 or 4 tiles ran entirely in its scalar remainder loop).
 #[inline(always)]
-fn transform_input_loops<const TILE_COLS: usize>(x: &[f32], v: &mut [f32], c_in: usize, h: usize, w: usize) {
+fn transform_input_loops<const TILE_COLS: usize>(x: &[f32], v: &mut [f32], columns: Columns, c_in: usize, h: usize, w: usize) {
     let (w, tile_cols) = if TILE_COLS > 0 { (2 * TILE_COLS, TILE_COLS) } else { (w, w / 2) };
     let tile_rows = h / 2;
-    let tiles = tile_rows * tile_cols;
     let zeros = vec![0f32; w];
     // The row pass's four results over the padded columns; the padding columns stay zero.
     let mut t = [(); 4].map(|_| vec![0f32; w + 2]);
@@ -122,7 +141,7 @@ fn transform_input_loops<const TILE_COLS: usize>(x: &[f32], v: &mut [f32], c_in:
             }
             for (a, t) in t.iter().enumerate() {
                 let entry = |b: usize| {
-                    let start = ((a * 4 + b) * c_in + ci) * tiles + i * tile_cols;
+                    let start = ((a * 4 + b) * c_in + ci) * columns.count + columns.first + i * tile_cols;
                     start..start + tile_cols
                 };
                 column_pass(t, v.get_disjoint_mut([0, 1, 2, 3].map(entry)).expect("distinct entries"));
@@ -168,25 +187,24 @@ fn column_pass(t: &[f32], [v0, v1, v2, v3]: [&mut [f32]; 4]) {
     }
 }
 
-/// `y = A^T M A` for every tile, with `A^T = [[1,1,1,0], [0,1,-1,-1]]`: the 2x2 output tile at
-/// rows `2i, 2i+1` and columns `2j, 2j+1` from entry `(a, b)` of the tile's products in
-/// `products[4a + b, co, tile]`.
-fn transform_output(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
-    with_avx2!(transform_output_avx2, (products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize), {
-        transform_output_loops(products, y, c_out, h, w)
+/// `y = A^T M A` for every tile of one sample, with `A^T = [[1,1,1,0], [0,1,-1,-1]]`: the 2x2
+/// output tile at rows `2i, 2i+1` and columns `2j, 2j+1` from entry `(a, b)` of the tile's products
+/// in `products[4a + b, co, columns.first + tile]`.
+fn transform_output(products: &[f32], y: &mut [MaybeUninit<f32>], columns: Columns, c_out: usize, h: usize, w: usize) {
+    with_avx2!(transform_output_avx2, (products: &[f32], y: &mut [MaybeUninit<f32>], columns: Columns, c_out: usize, h: usize, w: usize), {
+        transform_output_loops(products, y, columns, c_out, h, w)
     })
 }
 
 /// [`transform_output`]'s loops, inlined into each of its two compilations. Unlike the input's,
 /// they need no known row width: [`output_tiles`] works in fixed blocks of four tiles.
 #[inline(always)]
-fn transform_output_loops(products: &[f32], y: &mut [MaybeUninit<f32>], c_out: usize, h: usize, w: usize) {
+fn transform_output_loops(products: &[f32], y: &mut [MaybeUninit<f32>], columns: Columns, c_out: usize, h: usize, w: usize) {
     let tile_cols = w / 2;
-    let tiles = (h / 2) * tile_cols;
     for (co, plane) in y.chunks_exact_mut(h * w).enumerate() {
         for (i, rows) in plane.chunks_exact_mut(2 * w).enumerate() {
             let m: [&[f32]; ENTRIES] =
-                std::array::from_fn(|entry| &products[(entry * c_out + co) * tiles + i * tile_cols..][..tile_cols]);
+                std::array::from_fn(|entry| &products[(entry * c_out + co) * columns.count + columns.first + i * tile_cols..][..tile_cols]);
             let (top, bottom) = rows.split_at_mut(w);
             output_tiles(m, top, bottom);
         }
@@ -257,6 +275,27 @@ mod tests {
         }
     }
 
+    /// A group of samples in one call gives each sample what it gets alone (the products see the
+    /// same terms in the same order), however many columns the group makes.
+    #[test]
+    fn group_matches_samples_alone() {
+        for &(c_in, c_out, h, w, n) in &[(5, 3, 4, 4, 3), (16, 24, 8, 8, 5), (3, 7, 2, 6, 2)] {
+            let (x, weight) = test_operands(c_in, c_out, h, w);
+            let xs: Vec<f32> = (0..n).flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.1 * k as f32))).collect();
+            let kernel = transform_kernel(&weight, c_out, c_in);
+            let run = |x: &[f32]| {
+                let mut y = vec![MaybeUninit::new(f32::NAN); x.len() / c_in * c_out];
+                conv3x3(x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
+                y.into_iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
+            };
+            let together = run(&xs);
+            let alone: Vec<f32> = xs.chunks(c_in * h * w).flat_map(run).collect();
+            for (a, b) in together.iter().zip(&alone) {
+                assert!(a.is_finite() && (a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{c_in}x{c_out} {h}x{w} n={n}: {a} vs {b}");
+            }
+        }
+    }
+
     /// The scratch buffers carry nothing from one call to the next, even from a larger shape.
     #[test]
     fn scratch_reuse_is_harmless() {
@@ -279,17 +318,18 @@ mod timing {
     use crate::direct_conv;
 
     /// `cargo test --release -p bigroc-models --lib winograd::timing -- --ignored --nocapture`: one
-    /// core, Winograd against the direct kernel, each over a batch of 16 distinct samples in turn
-    /// (as the ops run them), mean of the best of 5 passes; GFLOP/s of the direct convolution's
-    /// multiply-adds.
+    /// core, Winograd against the direct kernel and im2col + gemm, each over a batch of 16 distinct
+    /// samples (Winograd one sample per call and in groups of 4 and 16, as the ops run them), best
+    /// of 5 passes; GFLOP/s of the direct convolution's multiply-adds.
     #[test]
     #[ignore]
     fn winograd_against_direct() {
-        for &(c_in, c_out, hw) in &[(3, 32, 32), (32, 32, 32), (64, 64, 32), (128, 128, 32), (256, 128, 32), (384, 128, 32), (256, 256, 32), (32, 32, 16), (64, 64, 16), (128, 256, 16), (256, 256, 16), (384, 256, 16), (512, 256, 16), (64, 64, 8), (256, 256, 8), (512, 256, 8), (256, 256, 4), (512, 512, 4)] {
+        for &(c_in, c_out, hw) in &[(3, 32, 32), (32, 32, 32), (64, 64, 32), (128, 128, 32), (256, 128, 32), (384, 128, 32), (256, 256, 32), (32, 32, 16), (64, 64, 16), (128, 256, 16), (256, 256, 16), (384, 256, 16), (512, 256, 16), (32, 32, 8), (64, 64, 8), (128, 128, 8), (256, 256, 8), (512, 256, 8), (128, 128, 4), (256, 256, 4), (512, 512, 4)] {
             let samples = 16;
+            let (sample_in, sample_out) = (c_in * hw * hw, c_out * hw * hw);
             let (x, weight) = direct_conv::tests::test_operands(c_in, c_out, hw, hw);
-            let xs: Vec<Vec<f32>> = (0..samples).map(|k| x.iter().map(|v| v * (1.0 + k as f32 * 0.01)).collect()).collect();
-            let mut ys = vec![MaybeUninit::new(0f32); samples * c_out * hw * hw];
+            let xs: Vec<f32> = (0..samples).flat_map(|k| x.iter().map(move |v| v * (1.0 + k as f32 * 0.01))).collect();
+            let mut ys = vec![MaybeUninit::new(0f32); samples * sample_out];
             let flops = 2.0 * (samples * c_out * c_in * 9 * hw * hw) as f64;
             let best = |f: &mut dyn FnMut()| {
                 (0..5)
@@ -302,23 +342,42 @@ mod timing {
             };
             let kernel = transform_kernel(&weight, c_out, c_in);
             let mut scratch = Scratch::default();
-            let winograd = best(&mut || {
-                for (x, y) in xs.iter().zip(ys.chunks_exact_mut(c_out * hw * hw)) {
-                    conv3x3(x, &kernel, y, &mut scratch, (c_in, c_out, hw, hw), gemm::Parallelism::None);
-                }
-            });
+            let mut winograd = |group: usize| {
+                best(&mut || {
+                    for (x, y) in xs.chunks(group * sample_in).zip(ys.chunks_mut(group * sample_out)) {
+                        conv3x3(x, &kernel, y, &mut scratch, (c_in, c_out, hw, hw), gemm::Parallelism::None);
+                    }
+                })
+            };
+            let groups = [1, 4, 16].map(&mut winograd);
             let direct = if direct_conv::supports(c_out, hw, hw) {
                 let packed = direct_conv::pack_weight(&weight, c_out, c_in);
                 let mut padded = Vec::new();
                 best(&mut || {
-                    for (x, y) in xs.iter().zip(ys.chunks_exact_mut(c_out * hw * hw)) {
+                    for (x, y) in xs.chunks_exact(sample_in).zip(ys.chunks_exact_mut(sample_out)) {
                         direct_conv::conv3x3(x, &packed, y, &mut padded, (c_in, c_out, hw, hw));
                     }
                 })
             } else {
                 f64::NAN
             };
-            println!("{c_in}->{c_out} {hw}x{hw}: winograd {winograd:.1} GFLOP/s, direct {direct:.1} (x{:.2})", winograd / direct);
+            let cpu = &candle_core::Device::Cpu;
+            let (one, w) = (candle_core::Tensor::zeros((1, c_in, hw, hw), candle_core::DType::F32, cpu), candle_core::Tensor::zeros((c_out, c_in, 3, 3), candle_core::DType::F32, cpu));
+            let g = crate::conv::Geometry::of_forward(&one.unwrap(), &w.unwrap(), 1, 1).unwrap();
+            let mut windows = vec![0f32; g.taps() * hw * hw];
+            let im2col = best(&mut || {
+                for (x, y) in xs.chunks_exact(sample_in).zip(ys.chunks_exact_mut(sample_out)) {
+                    g.gather_sample(&mut windows, x);
+                    // SAFETY: `y` holds c_out x hw^2 entries; the weight is [c_out, taps].
+                    unsafe {
+                        matmul(y.as_mut_ptr() as *mut f32, Write::Overwrite, &weight, Operand::RowMajor, &windows, Operand::RowMajor, (c_out, g.taps(), hw * hw), gemm::Parallelism::None)
+                    };
+                }
+            });
+            println!(
+                "{c_in}->{c_out} {hw}x{hw}: winograd {:.1} / {:.1} / {:.1} GFLOP/s (groups of 1 / 4 / 16), direct {direct:.1}, im2col {im2col:.1}",
+                groups[0], groups[1], groups[2]
+            );
         }
     }
 }
