@@ -1,14 +1,15 @@
 //! The f32 3x3, stride-1, padding-1 convolutions that the CPU ops run without im2col: Winograd's
 //! F(2x2, 3x3) ([`crate::winograd`]) for layers of 128 or more channels each way on maps of 8x8
-//! and up (4x4 in groups of samples), or 64 or more on 32x32 and up; else the direct kernel
+//! and up (4x4 in groups of samples), or 64 or more on 16x16 and up; else the direct kernel
 //! ([`crate::direct_conv`]) where it takes the shape (it beats im2col + gemm there: 101-112 GFLOP/s
 //! on one core against 62-103, `direct_conv::timing`).
 //!
 //! On one core of this project's 2-core EPYC, over batches of 16 distinct samples
 //! (`winograd::timing`, an ignored test, two runs): Winograd did 136-198 GFLOP/s of the direct
 //! convolution's multiply-adds on 128-512 channels at 8x8 to 32x32, 1.46-1.95x the direct kernel,
-//! and 1.39-1.52x on 64 channels at 32x32; with 64 channels at 16x16 it gained 1.00-1.20x, at 8x8
-//! it lost (0.97-0.99x). On 4x4 maps one sample's 4 tiles leave gemm too little (37-88 GFLOP/s);
+//! and 1.39-1.52x on 64 channels at 32x32; with 64 channels at 16x16 it gained 1.00-1.20x (1.15x
+//! a third time, and 1.06-1.08x on the whole adversarial training step of the embedded classifier,
+//! whose second stage is 64 channels at 16x16), at 8x8 it lost (0.97-0.99x). On 4x4 maps one sample's 4 tiles leave gemm too little (37-88 GFLOP/s);
 //! 16 samples per call did 132-179 (128-2048 channels), where im2col + gemm did 72-102.
 
 use std::cell::RefCell;
@@ -43,11 +44,11 @@ thread_local! {
 
 /// Whether Winograd does the layer of geometry `g`: 128 or more channels each way on maps whose
 /// products get 16 or more columns per call (8x8 maps and up alone, 4x4 maps in groups of 4 or
-/// more samples), or 64 or more channels from 32x32 up.
+/// more samples), or 64 or more channels from 16x16 up.
 fn winograd_wins(g: &Geometry) -> bool {
     let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
     let columns = tiles(g) * winograd_group(g);
-    winograd::supports(g.rows.n, g.cols.n) && ((channels >= 128 && side >= 4 && columns >= 16) || (channels >= 64 && side >= 32))
+    winograd::supports(g.rows.n, g.cols.n) && ((channels >= 128 && side >= 4 && columns >= 16) || (channels >= 64 && side >= 16))
 }
 
 /// How many samples one Winograd call takes for a layer of geometry `g`. One sample of an 8x8 or
