@@ -126,8 +126,9 @@ struct ConvBnEval {
 impl ConvBnEval {
     /// im2col, gemm and the epilogue one sample at a time: the sample's windows (at most a few MB)
     /// stay in cache between the gather and the gemm, and its output between the gemm and the
-    /// epilogue. Whole samples go to the threads when there are enough of them (see
-    /// [`crate::parallel`]); a smaller batch runs its samples in turn with gemm's own threads.
+    /// epilogue (Winograd on 4x4 maps takes a few samples per call, see [`samples_per_call`]).
+    /// Whole samples go to the threads when there are enough of them (see [`crate::parallel`]); a
+    /// smaller batch runs its samples in turn with gemm's own threads.
     fn forward<T: CpuFloat>(&self, x: &[T], residual: Option<&[T]>) -> Result<Vec<T>> {
         let g = self.geometry;
         let (scale, shift) = match &self.affine {
