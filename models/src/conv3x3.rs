@@ -9,8 +9,9 @@
 //! convolution's multiply-adds on 128-512 channels at 8x8 to 32x32, 1.46-1.95x the direct kernel,
 //! and 1.39-1.52x on 64 channels at 32x32; with 64 channels at 16x16 it gained 1.00-1.20x (1.15x
 //! a third time, and 1.06-1.08x on the whole adversarial training step of the embedded classifier,
-//! whose second stage is 64 channels at 16x16), at 8x8 it lost (0.97-0.99x). On 4x4 maps one sample's 4 tiles leave gemm too little (37-88 GFLOP/s);
-//! 16 samples per call did 132-179 (128-2048 channels), where im2col + gemm did 72-102.
+//! whose second stage is 64 channels at 16x16), at 8x8 it lost (0.97-0.99x). On 4x4 maps one
+//! sample's 4 tiles leave gemm too little (37-48 GFLOP/s on 128-512 channels); 16 samples per call
+//! did 102-169 (128-2048 channels, 138-169 from 256 up), where im2col + gemm did 72-102.
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -54,8 +55,8 @@ fn winograd_wins(g: &Geometry) -> bool {
 /// How many samples one Winograd call takes for a layer of geometry `g`. One sample of an 8x8 or
 /// larger map gives each product 16 or more columns, which gemm runs at full speed (grouping only
 /// grew the working set: 8x8 maps did 137-178 GFLOP/s in groups of 4 or 16 against 139-183
-/// alone); a 4x4 map's 4 columns leave it at 37-88 GFLOP/s alone and 132-179 in groups of 16
-/// (`winograd::timing`). Never more than a thread's share of the batch.
+/// alone); a 4x4 map's 4 columns leave it at 37-48 GFLOP/s alone and 102-169 in groups of 16
+/// (`winograd::timing`; groups of 8 did about as well, groups of 2 and 4 less). Never more than a thread's share of the batch.
 fn winograd_group(g: &Geometry) -> usize {
     let per_thread = if split_by_sample(g.b) { g.b.div_ceil(crate::parallel::threads()) } else { g.b };
     let tiles = tiles(g);
