@@ -176,6 +176,11 @@ impl WeightGrad {
         } else {
             (1, gemm_threads())
         };
+        // The product's longer side as gemm's rows: `[taps, c_out]` (transposed at the end) when the
+        // windows have more rows than the gradient. For a 3x3 layer of 32 channels on 32x32 maps
+        // that took 20-23 ms instead of 67-74 (batch 128, 2 threads); 1x1 layers widening the
+        // channels do better the other way round.
+        let taps_major = g.taps() >= g.c_out;
         let mut partial = vec![T::zero(); parts * size];
         // Scratch: the windows, the gradients side by side, and how many samples the windows' zero
         // padding entries are laid out for.
@@ -216,18 +221,13 @@ impl WeightGrad {
                     grads
                 };
                 // SAFETY: `dw` holds `c_out x taps` entries; `grads` is `[c_out, columns]` and
-                // `windows` `[taps, columns]`, read transposed.
+                // `windows` `[taps, columns]`, each read transposed as the other's partner.
                 unsafe {
-                    matmul(
-                        dw.as_mut_ptr(),
-                        write,
-                        grads,
-                        Operand::RowMajor,
-                        windows,
-                        Operand::Transposed,
-                        (g.c_out, columns, g.taps()),
-                        threads,
-                    )
+                    if taps_major {
+                        matmul(dw.as_mut_ptr(), write, windows, Operand::RowMajor, grads, Operand::Transposed, (g.taps(), columns, g.c_out), threads)
+                    } else {
+                        matmul(dw.as_mut_ptr(), write, grads, Operand::RowMajor, windows, Operand::Transposed, (g.c_out, columns, g.taps()), threads)
+                    }
                 };
                 write = Write::Accumulate;
             }
@@ -237,7 +237,13 @@ impl WeightGrad {
             total.iter_mut().zip(part).for_each(|(t, &p)| *t += p);
         }
         partial.truncate(size);
-        partial
+        if taps_major {
+            // `[taps, c_out]` to `[c_out, taps]`.
+            let (taps, c_out) = (g.taps(), g.c_out);
+            (0..c_out * taps).map(|i| partial[(i % taps) * c_out + i / taps]).collect()
+        } else {
+            partial
+        }
     }
 }
 
