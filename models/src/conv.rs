@@ -178,7 +178,7 @@ impl WeightGrad {
         };
         // The product's longer side as gemm's rows: `[taps, c_out]` (transposed at the end) when the
         // windows have more rows than the gradient. For a 3x3 layer of 32 channels on 32x32 maps
-        // that took 20-23 ms instead of 67-74 (batch 128, 2 threads); 1x1 layers widening the
+        // that took 20-26 ms instead of 67-74 (batch 128, 2 threads); 1x1 layers widening the
         // channels do better the other way round.
         let taps_major = g.taps() >= g.c_out;
         let mut partial = vec![T::zero(); parts * size];
