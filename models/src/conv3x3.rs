@@ -56,7 +56,8 @@ fn winograd_wins(g: &Geometry) -> bool {
 /// larger map gives each product 16 or more columns, which gemm runs at full speed (grouping only
 /// grew the working set: 8x8 maps did 137-178 GFLOP/s in groups of 4 or 16 against 139-183
 /// alone); a 4x4 map's 4 columns leave it at 37-48 GFLOP/s alone and 102-169 in groups of 16
-/// (`winograd::timing`; groups of 8 did about as well, groups of 2 and 4 less). Never more than a thread's share of the batch.
+/// (`winograd::timing`; groups of 8 did about as well, groups of 2 and 4 less). Never more than a
+/// thread's share of the batch.
 fn winograd_group(g: &Geometry) -> usize {
     let per_thread = if split_by_sample(g.b) { g.b.div_ceil(crate::parallel::threads()) } else { g.b };
     let tiles = tiles(g);
@@ -92,7 +93,7 @@ impl Conv3x3 {
     }
 
     /// How many samples one [`Conv3x3::run`] of geometry `g` (the one planned for) takes: the
-    /// direct kernel goes one sample at a time, Winograd takes 16 of a 4x4 map at once.
+    /// direct kernel goes one sample at a time, Winograd takes up to 16 of a 4x4 map at once.
     pub(crate) fn group(&self, g: &Geometry) -> usize {
         match self {
             Conv3x3::Direct(_) => 1,
