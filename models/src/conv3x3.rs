@@ -1,17 +1,20 @@
 //! The f32 3x3, stride-1, padding-1 convolutions that the CPU ops run without im2col: Winograd's
-//! F(2x2, 3x3) ([`crate::winograd`]) for layers of 128 or more channels each way on maps of 8x8
-//! and up (4x4 in groups of samples), or 64 or more on 16x16 and up; else the direct kernel
-//! ([`crate::direct_conv`]) where it takes the shape (it beats im2col + gemm there: 101-112 GFLOP/s
-//! on one core against 62-103, `direct_conv::timing`).
+//! F(4x4, 3x3) ([`crate::winograd4`]) for layers of 64 or more channels each way on maps of 32x32
+//! and up; Winograd's F(2x2, 3x3) ([`crate::winograd`]) for the
+//! other layers of 128 or more channels on maps of 8x8 and up (4x4 in groups of samples), or 64
+//! or more on 16x16 and up; else the direct kernel ([`crate::direct_conv`]) where it takes the
+//! shape (it beats im2col + gemm there: 101-112 GFLOP/s on one core against 62-103,
+//! `direct_conv::timing`).
 //!
 //! On one core of this project's 2-core EPYC, over batches of 16 distinct samples
-//! (`winograd::timing`, an ignored test, two runs): Winograd did 136-198 GFLOP/s of the direct
+//! (`winograd::timing`, an ignored test, two runs): F(2x2) did 136-198 GFLOP/s of the direct
 //! convolution's multiply-adds on 128-512 channels at 8x8 to 32x32, 1.46-1.95x the direct kernel,
 //! and 1.39-1.52x on 64 channels at 32x32; with 64 channels at 16x16 it gained 1.00-1.20x (1.15x
 //! a third time, and 1.06-1.08x on the whole adversarial training step of the embedded classifier,
 //! whose second stage is 64 channels at 16x16), at 8x8 it lost (0.97-0.99x). On 4x4 maps one
 //! sample's 4 tiles leave gemm too little (37-48 GFLOP/s on 128-512 channels); 16 samples per call
-//! did 102-169 (128-2048 channels, 138-169 from 256 up), where im2col + gemm did 72-102.
+//! did 102-169 (128-2048 channels, 138-169 from 256 up), where im2col + gemm did 72-102. F(4x4)
+//! then did 159-262 GFLOP/s where it is chosen (`winograd4::timing`, see [`winograd4_wins`]).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -20,14 +23,16 @@ use candle_core::{DType, WithDType};
 
 use crate::conv::Geometry;
 use crate::parallel::split_by_sample;
-use crate::{direct_conv, winograd};
+use crate::{direct_conv, winograd, winograd4};
 
 /// A layer's kernel, prepared for the convolution that does it.
 pub(crate) enum Conv3x3 {
     /// Packed for [`direct_conv::conv3x3`].
     Direct(Vec<f32>),
-    /// Transformed for [`winograd::conv3x3`].
+    /// Transformed for [`winograd::conv3x3`], F(2x2, 3x3).
     Winograd(Vec<f32>),
+    /// Transformed for [`winograd4::conv3x3`], F(4x4, 3x3).
+    Winograd4(Vec<f32>),
 }
 
 /// One thread's buffers for [`Conv3x3::run`].
@@ -35,6 +40,7 @@ pub(crate) enum Conv3x3 {
 struct Scratch {
     padded: Vec<f32>,
     winograd: winograd::Scratch,
+    winograd4: winograd4::Scratch,
 }
 
 thread_local! {
@@ -50,6 +56,17 @@ fn winograd_wins(g: &Geometry) -> bool {
     let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
     let columns = tiles(g) * winograd_group(g);
     winograd::supports(g.rows.n, g.cols.n) && ((channels >= 128 && side >= 4 && columns >= 16) || (channels >= 64 && side >= 16))
+}
+
+/// Whether Winograd's F(4x4, 3x3) does the layer of geometry `g` (rather than F(2x2)): 64 or more
+/// channels each way on maps of 32x32 and up. There, one sample at a time, it did 1.10-1.14x
+/// F(2x2)'s speed on 64 channels and 1.18-1.47x on 128-384 channels (`winograd4::timing`, three
+/// runs). On 16x16 maps it gained 0.94-1.33x on one core, but lost on two in a batch of 16 (256
+/// channels: 13-20 ms against 13-14); on 8x8 and 4x4 maps, where a sample has 4 or 1 of its tiles,
+/// it only tied in groups of 4 or 16 samples.
+fn winograd4_wins(g: &Geometry) -> bool {
+    let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
+    winograd4::supports(g.rows.n, g.cols.n) && channels >= 64 && side >= 32
 }
 
 /// How many samples one Winograd call takes for a layer of geometry `g`. One sample of an 8x8 or
@@ -83,7 +100,9 @@ impl Conv3x3 {
         }
         let weight = as_f32(weight)?;
         let (c_in, c_out, h, w) = (g.c_in, g.c_out, g.rows.n, g.cols.n);
-        if winograd_wins(g) {
+        if winograd4_wins(g) {
+            Some(Conv3x3::Winograd4(winograd4::transform_kernel(weight, c_out, c_in)))
+        } else if winograd_wins(g) {
             Some(Conv3x3::Winograd(winograd::transform_kernel(weight, c_out, c_in)))
         } else if direct_conv::supports(c_out, h, w) {
             Some(Conv3x3::Direct(direct_conv::pack_weight(weight, c_out, c_in)))
@@ -96,7 +115,7 @@ impl Conv3x3 {
     /// direct kernel goes one sample at a time, Winograd takes up to 16 of a 4x4 map at once.
     pub(crate) fn group(&self, g: &Geometry) -> usize {
         match self {
-            Conv3x3::Direct(_) => 1,
+            Conv3x3::Direct(_) | Conv3x3::Winograd4(_) => 1,
             Conv3x3::Winograd(_) => winograd_group(g),
         }
     }
@@ -123,6 +142,7 @@ impl Conv3x3 {
                 }
             }
             Conv3x3::Winograd(kernel) => winograd::conv3x3(x, kernel, y, &mut scratch.winograd, shape, threads),
+            Conv3x3::Winograd4(kernel) => winograd4::conv3x3(x, kernel, y, &mut scratch.winograd4, shape, threads),
         };
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut scratch) => run(&mut scratch),

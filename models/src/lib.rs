@@ -12,6 +12,7 @@ pub mod ops;
 mod conv3x3;
 mod direct_conv;
 mod winograd;
+mod winograd4;
 mod matmul;
 mod parallel;
 mod vector;

@@ -196,10 +196,15 @@ fn forward_and_input_grad_match_candle_f32() -> Result<()> {
 /// of samples; 64 or more channels on 16x16 and up), which take Winograd's F(2x2, 3x3) on CPU in
 /// f32 (forward, and the input gradient as the adjoint convolution): against candle's convolution
 /// and its autograd, for one sample (gemm's own threads), for a batch (whole samples per thread)
-/// and for 4x4 maps in groups of samples (9: 5 and 4 on two threads).
+/// and for 4x4 maps in groups of samples (9: 5 and 4 on two threads). Then layers whose sides are
+/// multiples of 4, 64 channels on 32x32 and 128 on 16x16, which take F(4x4, 3x3): its transforms
+/// scale by up to 8 and 1/24, so it rounds about ten times as much (5e-6 to 1.2e-5 here, against
+/// 3e-7 to 8e-7 for F(2x2)), and it is held to 4e-5.
 #[test]
 fn wide_3x3_layers_match_candle_f32() -> Result<()> {
-    for (seed, &(b, c_in, c_out, h, w)) in [(1, 128, 136, 8, 10), (3, 160, 128, 12, 8), (2, 64, 72, 32, 34), (3, 64, 64, 16, 16), (9, 128, 144, 4, 4), (40, 256, 128, 4, 6)].iter().enumerate() {
+    let f2 = [(1, 128, 136, 8, 10), (3, 160, 128, 12, 8), (2, 64, 72, 32, 34), (3, 64, 64, 16, 16), (9, 128, 144, 4, 4), (40, 256, 128, 4, 6)].map(|s| (s, 1e-5));
+    let f4 = [(2, 64, 72, 32, 36), (1, 128, 136, 32, 40), (3, 144, 128, 32, 32)].map(|s| (s, 4e-5));
+    for (seed, &((b, c_in, c_out, h, w), tolerance)) in f2.iter().chain(&f4).enumerate() {
         let seed = 500 + 3 * seed as u64;
         let x = randn(seed, &[b, c_in, h, w], DType::F32)?;
         let wt = (randn(seed + 1, &[c_out, c_in, 3, 3], DType::F32)? / (9.0 * c_in as f64).sqrt())?;
@@ -210,7 +215,7 @@ fn wide_3x3_layers_match_candle_f32() -> Result<()> {
         let candle = autograd_input_grad(&x, &g, |x| x.conv2d(&wt, 1, 1, 1, 1))?;
         let grad_err = rel_err(&ours, &candle)?;
         println!("{b}x{c_in}->{c_out} {h}x{w}: forward {fwd_err:.2e}, input gradient {grad_err:.2e}");
-        assert!(fwd_err <= 1e-5 && grad_err <= 1e-5, "{b}x{c_in}->{c_out} {h}x{w}: forward {fwd_err:.2e}, gradient {grad_err:.2e}");
+        assert!(fwd_err <= tolerance && grad_err <= tolerance, "{b}x{c_in}->{c_out} {h}x{w}: forward {fwd_err:.2e}, gradient {grad_err:.2e}");
     }
     Ok(())
 }
