@@ -25,25 +25,52 @@ pub(crate) fn supports(h: usize, w: usize) -> bool {
     h > 0 && w > 0 && h.is_multiple_of(2) && w.is_multiple_of(2)
 }
 
+/// Channel pairs per block of [`transform_kernel`].
+const BLOCK: usize = 64;
+
 /// The kernel `[c_out, c_in, 3, 3]` in the transformed domain: `[16, c_out, c_in]`, matrix
-/// `4a + b` holding entry `(a, b)` of `G g G^T` for every channel pair (computed in f64).
+/// `4a + b` holding entry `(a, b)` of `G g G^T` for every channel pair (computed in f64). It is
+/// made on every call, so it goes in blocks of channel pairs as [`crate::winograd4`]'s does: their
+/// taps gathered into rows, the transform vectorized along the rows, each entry's row copied out
+/// whole.
 pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
     assert_eq!(weight.len(), c_out * c_in * 9, "winograd: kernel of {c_out}x{c_in}x3x3 expected");
-    // `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` applied to three values.
-    let g = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
     let pairs = c_out * c_in;
     let mut transformed = vec![0f32; ENTRIES * pairs];
-    for (pair, k) in weight.chunks_exact(9).enumerate() {
-        let k = |i: usize, j: usize| k[i * 3 + j] as f64;
-        // G applied to each column of the kernel, then to each row of that.
-        let columns: [[f64; 4]; 3] = std::array::from_fn(|j| g(k(0, j), k(1, j), k(2, j)));
-        for a in 0..4 {
-            for (b, u) in g(columns[0][a], columns[1][a], columns[2][a]).into_iter().enumerate() {
-                transformed[(a * 4 + b) * pairs + pair] = u as f32;
+    let mut taps = [[0f64; BLOCK]; 9];
+    let mut block = [[0f32; BLOCK]; ENTRIES];
+    for (first, kernels) in weight.chunks(9 * BLOCK).enumerate().map(|(b, k)| (b * BLOCK, k)) {
+        for (p, k) in kernels.chunks_exact(9).enumerate() {
+            for (tap, &v) in taps.iter_mut().zip(k) {
+                tap[p] = v as f64;
             }
+        }
+        transform_kernel_block(&taps, &mut block);
+        let n = kernels.len() / 9;
+        for (entry, values) in block.iter().enumerate() {
+            transformed[entry * pairs + first..][..n].copy_from_slice(&values[..n]);
         }
     }
     transformed
+}
+
+/// `G g G^T` for each column `p` of a block of kernels, `taps[3i + j][p]` = `g[i][j]`: entry `(a,
+/// b)` into `block[4a + b][p]`.
+fn transform_kernel_block(taps: &[[f64; BLOCK]; 9], block: &mut [[f32; BLOCK]; ENTRIES]) {
+    with_avx2!(transform_kernel_block_avx2, (taps: &[[f64; BLOCK]; 9], block: &mut [[f32; BLOCK]; ENTRIES]), {
+        // `G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]` applied to three values.
+        let g = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+        for p in 0..BLOCK {
+            let k = |i: usize, j: usize| taps[3 * i + j][p];
+            // G applied to each column of the kernel, then to each row of that.
+            let columns: [[f64; 4]; 3] = std::array::from_fn(|j| g(k(0, j), k(1, j), k(2, j)));
+            for a in 0..4 {
+                for (b, u) in g(columns[0][a], columns[1][a], columns[2][a]).into_iter().enumerate() {
+                    block[a * 4 + b][p] = u as f32;
+                }
+            }
+        }
+    })
 }
 
 /// One thread's buffers for [`conv3x3`], grown on first use and reused.
