@@ -59,10 +59,10 @@ fn winograd_wins(g: &Geometry) -> bool {
 }
 
 /// Whether Winograd's F(4x4, 3x3) does the layer of geometry `g` (rather than F(2x2)): 64 or more
-/// channels each way on maps of 32x32 and up. There, one sample at a time, it did 1.10-1.14x
-/// F(2x2)'s speed on 64 channels and 1.18-1.47x on 128-384 channels (`winograd4::timing`, three
-/// runs). On 16x16 maps it gained 0.94-1.33x on one core, but lost on two in a batch of 16 (256
-/// channels: 13-20 ms against 13-14); on 8x8 and 4x4 maps, where a sample has 4 or 1 of its tiles,
+/// channels each way on maps of 32x32 and up. There, one sample at a time, it did 1.04-1.14x
+/// F(2x2)'s speed on 64 channels and 1.18-1.47x on 128-384 channels (`winograd4::timing`, four
+/// runs). On 16x16 maps it gained 0.89-1.33x on one core, but lost on two in a batch of 16 (256
+/// channels: 14-20 ms against 13-14); on 8x8 and 4x4 maps, where a sample has 4 or 1 of its tiles,
 /// it only tied in groups of 4 or 16 samples.
 fn winograd4_wins(g: &Geometry) -> bool {
     let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
