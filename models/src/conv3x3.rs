@@ -29,9 +29,9 @@ use crate::{direct_conv, winograd, winograd4};
 pub(crate) enum Conv3x3 {
     /// Packed for [`direct_conv::conv3x3`].
     Direct(Vec<f32>),
-    /// Transformed for [`winograd::conv3x3`], F(2x2, 3x3).
+    /// Transformed for [`winograd::F2`], F(2x2, 3x3).
     Winograd(Vec<f32>),
-    /// Transformed for [`winograd4::conv3x3`], F(4x4, 3x3).
+    /// Transformed for [`winograd4::F4`], F(4x4, 3x3).
     Winograd4(Vec<f32>),
 }
 
@@ -40,7 +40,6 @@ pub(crate) enum Conv3x3 {
 struct Scratch {
     padded: Vec<f32>,
     winograd: winograd::Scratch,
-    winograd4: winograd4::Scratch,
 }
 
 thread_local! {
@@ -54,8 +53,8 @@ thread_local! {
 /// more samples), or 64 or more channels from 16x16 up.
 fn winograd_wins(g: &Geometry) -> bool {
     let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
-    let columns = tiles(g) * winograd_group(g);
-    winograd::supports(g.rows.n, g.cols.n) && ((channels >= 128 && side >= 4 && columns >= 16) || (channels >= 64 && side >= 16))
+    let columns = winograd::F2.tiles(g.rows.n, g.cols.n) * winograd_group(g);
+    winograd::F2.supports(g.rows.n, g.cols.n) && ((channels >= 128 && side >= 4 && columns >= 16) || (channels >= 64 && side >= 16))
 }
 
 /// Whether Winograd's F(4x4, 3x3) does the layer of geometry `g` (rather than F(2x2)): 64 or more
@@ -66,7 +65,7 @@ fn winograd_wins(g: &Geometry) -> bool {
 /// it only tied in groups of 4 or 16 samples.
 fn winograd4_wins(g: &Geometry) -> bool {
     let (channels, side) = (g.c_in.min(g.c_out), g.rows.n.min(g.cols.n));
-    winograd4::supports(g.rows.n, g.cols.n) && channels >= 64 && side >= 32
+    winograd4::F4.supports(g.rows.n, g.cols.n) && channels >= 64 && side >= 32
 }
 
 /// How many samples one Winograd call takes for a layer of geometry `g`. One sample of an 8x8 or
@@ -77,17 +76,12 @@ fn winograd4_wins(g: &Geometry) -> bool {
 /// thread's share of the batch.
 fn winograd_group(g: &Geometry) -> usize {
     let per_thread = if split_by_sample(g.b) { g.b.div_ceil(crate::parallel::threads()) } else { g.b };
-    let tiles = tiles(g);
+    let tiles = winograd::F2.tiles(g.rows.n, g.cols.n);
     if tiles >= 16 {
         1
     } else {
         (64 / tiles.max(1)).clamp(1, per_thread.max(1))
     }
-}
-
-/// The 2x2 output tiles of one sample.
-fn tiles(g: &Geometry) -> usize {
-    (g.rows.n / 2) * (g.cols.n / 2)
 }
 
 impl Conv3x3 {
@@ -101,9 +95,9 @@ impl Conv3x3 {
         let weight = as_f32(weight)?;
         let (c_in, c_out, h, w) = (g.c_in, g.c_out, g.rows.n, g.cols.n);
         if winograd4_wins(g) {
-            Some(Conv3x3::Winograd4(winograd4::transform_kernel(weight, c_out, c_in)))
+            Some(Conv3x3::Winograd4(winograd4::F4.transform_kernel(weight, c_out, c_in)))
         } else if winograd_wins(g) {
-            Some(Conv3x3::Winograd(winograd::transform_kernel(weight, c_out, c_in)))
+            Some(Conv3x3::Winograd(winograd::F2.transform_kernel(weight, c_out, c_in)))
         } else if direct_conv::supports(c_out, h, w) {
             Some(Conv3x3::Direct(direct_conv::pack_weight(weight, c_out, c_in)))
         } else {
@@ -141,8 +135,8 @@ impl Conv3x3 {
                     direct_conv::conv3x3(x, packed, y, &mut scratch.padded, shape)
                 }
             }
-            Conv3x3::Winograd(kernel) => winograd::conv3x3(x, kernel, y, &mut scratch.winograd, shape, threads),
-            Conv3x3::Winograd4(kernel) => winograd4::conv3x3(x, kernel, y, &mut scratch.winograd4, shape, threads),
+            Conv3x3::Winograd(kernel) => winograd::F2.conv3x3(x, kernel, y, &mut scratch.winograd, shape, threads),
+            Conv3x3::Winograd4(kernel) => winograd4::F4.conv3x3(x, kernel, y, &mut scratch.winograd, shape, threads),
         };
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut scratch) => run(&mut scratch),
@@ -169,7 +163,7 @@ mod tests {
     fn reentrant_run_uses_its_own_buffers() {
         let shape @ (c_in, c_out, h, w) = (128, 128, 8, 8);
         let (x, weight) = direct_conv::tests::test_operands(c_in, c_out, h, w);
-        let plan = Conv3x3::Winograd(winograd::transform_kernel(&weight, c_out, c_in));
+        let plan = Conv3x3::Winograd(winograd::F2.transform_kernel(&weight, c_out, c_in));
         let run = || {
             let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
             plan.run(&x, &mut y, shape, gemm::Parallelism::None);

@@ -11,6 +11,9 @@
 //! Those additions round too: the results differ from a direct convolution's by a few f32 ulps of
 //! the terms' magnitudes (the unit tests allow 4e-6 of it; against candle's convolution the largest
 //! difference was 4.6e-7 to 7.9e-7 of the largest output, `conv_grad`'s wide-layer test).
+//!
+//! What F(4x4, 3x3) ([`crate::winograd4`]) shares with it lives here too: [`Algorithm`], with the
+//! kernel's transform and the convolution around the products, and the thread's [`Scratch`].
 
 use std::mem::MaybeUninit;
 
@@ -20,38 +23,105 @@ use crate::vector::with_avx2;
 /// Entries of a transformed 4x4 tile; the products are one matrix product per entry.
 const ENTRIES: usize = 16;
 
-/// Whether [`conv3x3`] takes a map of `h x w`: it works in 2x2 output tiles.
-pub(crate) fn supports(h: usize, w: usize) -> bool {
-    h > 0 && w > 0 && h.is_multiple_of(2) && w.is_multiple_of(2)
+/// What tells one Winograd algorithm, F(t x t, 3x3), from another: the `ENTRIES` of a transformed
+/// tile (`(t + 2)^2`), the output tile's side `t`, and the transforms. The rest, the kernel's
+/// transform in blocks and the convolution around the products, is the same for both.
+pub(crate) struct Algorithm<const ENTRIES: usize> {
+    pub(crate) tile: usize,
+    /// `G g G^T` of a block of kernels: `block[entry][p]` from `taps[3i + j][p]` = `g[i][j]`.
+    pub(crate) kernel_block: fn(&[[f64; BLOCK]; 9], &mut [[f32; BLOCK]; ENTRIES]),
+    pub(crate) input: InputTransform,
+    pub(crate) output: OutputTransform,
 }
 
-/// Channel pairs per block of [`transform_kernel`].
-const BLOCK: usize = 64;
+/// `B^T d B` of one sample's patches into its columns: `(x, v, columns, c_in, h, w)`.
+pub(crate) type InputTransform = fn(&[f32], &mut [f32], Columns, usize, usize, usize);
 
-/// The kernel `[c_out, c_in, 3, 3]` in the transformed domain: `[16, c_out, c_in]`, matrix
-/// `4a + b` holding entry `(a, b)` of `G g G^T` for every channel pair (computed in f64). It is
-/// made on every call, so it goes in blocks of channel pairs as [`crate::winograd4`]'s does: their
-/// taps gathered into rows, the transform vectorized along the rows, each entry's row copied out
-/// whole.
-pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    assert_eq!(weight.len(), c_out * c_in * 9, "winograd: kernel of {c_out}x{c_in}x3x3 expected");
-    let pairs = c_out * c_in;
-    let mut transformed = vec![0f32; ENTRIES * pairs];
-    let mut taps = [[0f64; BLOCK]; 9];
-    let mut block = [[0f32; BLOCK]; ENTRIES];
-    for (first, kernels) in weight.chunks(9 * BLOCK).enumerate().map(|(b, k)| (b * BLOCK, k)) {
-        for (p, k) in kernels.chunks_exact(9).enumerate() {
-            for (tap, &v) in taps.iter_mut().zip(k) {
-                tap[p] = v as f64;
+/// `A^T M A` of one sample's tiles from its columns: `(products, y, columns, c_out, h, w)`.
+pub(crate) type OutputTransform = fn(&[f32], &mut [MaybeUninit<f32>], Columns, usize, usize, usize);
+
+/// Winograd's F(2x2, 3x3).
+pub(crate) const F2: Algorithm<ENTRIES> =
+    Algorithm { tile: 2, kernel_block: transform_kernel_block, input: transform_input, output: transform_output };
+
+/// Channel pairs per block of [`Algorithm::transform_kernel`].
+pub(crate) const BLOCK: usize = 64;
+
+impl<const ENTRIES: usize> Algorithm<ENTRIES> {
+    /// Whether [`Algorithm::conv3x3`] takes a map of `h x w`: one made of whole tiles.
+    pub(crate) fn supports(&self, h: usize, w: usize) -> bool {
+        h > 0 && w > 0 && h.is_multiple_of(self.tile) && w.is_multiple_of(self.tile)
+    }
+
+    /// The output tiles of one `h x w` sample.
+    pub(crate) fn tiles(&self, h: usize, w: usize) -> usize {
+        (h / self.tile) * (w / self.tile)
+    }
+
+    /// The kernel `[c_out, c_in, 3, 3]` in the transformed domain: `[ENTRIES, c_out, c_in]`, matrix
+    /// `(t + 2) a + b` holding entry `(a, b)` of `G g G^T` for every channel pair (computed in f64).
+    /// It is made on every call (F(4x4)'s is four times the kernel's size), so it goes in blocks of
+    /// channel pairs: their taps gathered into rows, the transform vectorized along the rows, each
+    /// entry's row copied out whole. One pair at a time, storing `ENTRIES` values far apart, F(4x4)'s
+    /// took a tenth of the guided sampling step.
+    pub(crate) fn transform_kernel(&self, weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
+        assert_eq!(weight.len(), c_out * c_in * 9, "winograd: kernel of {c_out}x{c_in}x3x3 expected");
+        let pairs = c_out * c_in;
+        let mut transformed = vec![0f32; ENTRIES * pairs];
+        let mut taps = [[0f64; BLOCK]; 9];
+        let mut block = [[0f32; BLOCK]; ENTRIES];
+        for (first, kernels) in weight.chunks(9 * BLOCK).enumerate().map(|(b, k)| (b * BLOCK, k)) {
+            for (p, k) in kernels.chunks_exact(9).enumerate() {
+                for (tap, &v) in taps.iter_mut().zip(k) {
+                    tap[p] = v as f64;
+                }
+            }
+            (self.kernel_block)(&taps, &mut block);
+            let n = kernels.len() / 9;
+            for (entry, values) in block.iter().enumerate() {
+                transformed[entry * pairs + first..][..n].copy_from_slice(&values[..n]);
             }
         }
-        transform_kernel_block(&taps, &mut block);
-        let n = kernels.len() / 9;
-        for (entry, values) in block.iter().enumerate() {
-            transformed[entry * pairs + first..][..n].copy_from_slice(&values[..n]);
+        transformed
+    }
+
+    /// `y = conv2d(x, weight, stride 1, padding 1)` for a group of samples: `x` `[n, c_in, h, w]`,
+    /// `y` `[n, c_out, h, w]` (overwritten), `kernel` from [`Algorithm::transform_kernel`];
+    /// `threads` is gemm's parallelism. The samples' tiles sit side by side in each of the
+    /// `ENTRIES` products, `[c_out, c_in] x [c_in, n * tiles]`: on small maps (F(2x2): 16 tiles on
+    /// 8x8, 4 on 4x4) one sample alone leaves gemm too narrow a product to run fast.
+    pub(crate) fn conv3x3(
+        &self,
+        x: &[f32],
+        kernel: &[f32],
+        y: &mut [MaybeUninit<f32>],
+        scratch: &mut Scratch,
+        (c_in, c_out, h, w): (usize, usize, usize, usize),
+        threads: gemm::Parallelism,
+    ) {
+        let t = self.tile;
+        assert!(self.supports(h, w), "winograd: a {h}x{w} map is not made of {t}x{t} tiles");
+        let (sample_in, sample_out) = (c_in * h * w, c_out * h * w);
+        let n = x.len() / sample_in.max(1);
+        assert!(x.len() == n * sample_in && y.len() == n * sample_out && kernel.len() == ENTRIES * c_out * c_in);
+        let tiles = self.tiles(h, w);
+        let columns = n * tiles;
+        scratch.input.resize(ENTRIES * c_in * columns, 0.0);
+        scratch.products.resize(ENTRIES * c_out * columns, 0.0);
+        for (s, x) in x.chunks_exact(sample_in).enumerate() {
+            (self.input)(x, &mut scratch.input, Columns { count: columns, first: s * tiles }, c_in, h, w);
+        }
+        for entry in 0..ENTRIES {
+            let u = &kernel[entry * c_out * c_in..][..c_out * c_in];
+            let v = &scratch.input[entry * c_in * columns..][..c_in * columns];
+            let m = &mut scratch.products[entry * c_out * columns..][..c_out * columns];
+            // SAFETY: `m` holds c_out x columns entries, `u` c_out x c_in and `v` c_in x columns.
+            unsafe { matmul(m.as_mut_ptr(), Write::Overwrite, u, Operand::RowMajor, v, Operand::RowMajor, (c_out, c_in, columns), threads) };
+        }
+        for (s, y) in y.chunks_exact_mut(sample_out).enumerate() {
+            (self.output)(&scratch.products, y, Columns { count: columns, first: s * tiles }, c_out, h, w);
         }
     }
-    transformed
 }
 
 /// `G g G^T` for each column `p` of a block of kernels, `taps[3i + j][p]` = `g[i][j]`: entry `(a,
@@ -73,57 +143,22 @@ fn transform_kernel_block(taps: &[[f64; BLOCK]; 9], block: &mut [[f32; BLOCK]; E
     })
 }
 
-/// One thread's buffers for [`conv3x3`], grown on first use and reused.
+/// One thread's buffers for [`Algorithm::conv3x3`] (either algorithm's), grown on first use and
+/// reused.
 #[derive(Default)]
 pub(crate) struct Scratch {
-    /// The transformed input, `[16, c_in, samples * tiles]`.
+    /// The transformed input, `[ENTRIES, c_in, samples * tiles]`.
     input: Vec<f32>,
-    /// The products, `[16, c_out, samples * tiles]`.
+    /// The products, `[ENTRIES, c_out, samples * tiles]`.
     products: Vec<f32>,
-}
-
-/// `y = conv2d(x, weight, stride 1, padding 1)` for a group of samples: `x` `[n, c_in, h, w]`, `y`
-/// `[n, c_out, h, w]` (overwritten), `kernel` from [`transform_kernel`]; `threads` is gemm's
-/// parallelism. The samples' tiles sit side by side in each of the 16 products, `[c_out, c_in] x
-/// [c_in, n * tiles]`: on small maps (16 tiles on 8x8, 4 on 4x4) one sample alone leaves gemm too
-/// narrow a product to run fast.
-pub(crate) fn conv3x3(
-    x: &[f32],
-    kernel: &[f32],
-    y: &mut [MaybeUninit<f32>],
-    scratch: &mut Scratch,
-    (c_in, c_out, h, w): (usize, usize, usize, usize),
-    threads: gemm::Parallelism,
-) {
-    assert!(supports(h, w), "winograd: a {h}x{w} map is not made of 2x2 tiles");
-    let (sample_in, sample_out) = (c_in * h * w, c_out * h * w);
-    let n = x.len() / sample_in.max(1);
-    assert!(x.len() == n * sample_in && y.len() == n * sample_out && kernel.len() == ENTRIES * c_out * c_in);
-    let tiles = (h / 2) * (w / 2);
-    let columns = n * tiles;
-    scratch.input.resize(ENTRIES * c_in * columns, 0.0);
-    scratch.products.resize(ENTRIES * c_out * columns, 0.0);
-    for (s, x) in x.chunks_exact(sample_in).enumerate() {
-        transform_input(x, &mut scratch.input, Columns { count: columns, first: s * tiles }, c_in, h, w);
-    }
-    for entry in 0..ENTRIES {
-        let u = &kernel[entry * c_out * c_in..][..c_out * c_in];
-        let v = &scratch.input[entry * c_in * columns..][..c_in * columns];
-        let m = &mut scratch.products[entry * c_out * columns..][..c_out * columns];
-        // SAFETY: `m` holds c_out x columns entries, `u` c_out x c_in and `v` c_in x columns.
-        unsafe { matmul(m.as_mut_ptr(), Write::Overwrite, u, Operand::RowMajor, v, Operand::RowMajor, (c_out, c_in, columns), threads) };
-    }
-    for (s, y) in y.chunks_exact_mut(sample_out).enumerate() {
-        transform_output(&scratch.products, y, Columns { count: columns, first: s * tiles }, c_out, h, w);
-    }
 }
 
 /// Where one sample's tiles are in a transformed matrix's rows: `count` columns in all, the
 /// sample's from `first` on.
 #[derive(Clone, Copy)]
-struct Columns {
-    count: usize,
-    first: usize,
+pub(crate) struct Columns {
+    pub(crate) count: usize,
+    pub(crate) first: usize,
 }
 
 /// `V = B^T d B` for every 4x4 patch `d` (rows `2i-1 ..= 2i+2`, columns `2j-1 ..= 2j+2` of the
@@ -292,8 +327,8 @@ mod tests {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
             let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
-            let kernel = transform_kernel(&weight, c_out, c_in);
-            conv3x3(&x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
+            let kernel = F2.transform_kernel(&weight, c_out, c_in);
+            F2.conv3x3(&x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
             // A missed or repeated term is off by one term's size (about 0.25), far above this.
             for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
                 let a = unsafe { a.assume_init() };
@@ -309,10 +344,10 @@ mod tests {
         for &(c_in, c_out, h, w, n) in &[(5, 3, 4, 4, 3), (16, 24, 8, 8, 5), (3, 7, 2, 6, 2)] {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let xs: Vec<f32> = (0..n).flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.1 * k as f32))).collect();
-            let kernel = transform_kernel(&weight, c_out, c_in);
+            let kernel = F2.transform_kernel(&weight, c_out, c_in);
             let run = |x: &[f32]| {
                 let mut y = vec![MaybeUninit::new(f32::NAN); x.len() / c_in * c_out];
-                conv3x3(x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
+                F2.conv3x3(x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
                 y.into_iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
             };
             let together = run(&xs);
@@ -331,7 +366,7 @@ mod tests {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
             let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
-            conv3x3(&x, &transform_kernel(&weight, c_out, c_in), &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
+            F2.conv3x3(&x, &F2.transform_kernel(&weight, c_out, c_in), &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
             for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
                 assert!((unsafe { a.assume_init() } as f64 - b).abs() <= 4e-6 * (1.0 + m));
             }
@@ -367,12 +402,12 @@ mod timing {
                     })
                     .fold(0f64, f64::max)
             };
-            let kernel = transform_kernel(&weight, c_out, c_in);
+            let kernel = F2.transform_kernel(&weight, c_out, c_in);
             let mut scratch = Scratch::default();
             let mut winograd = |group: usize| {
                 best(&mut || {
                     for (x, y) in xs.chunks(group * sample_in).zip(ys.chunks_mut(group * sample_out)) {
-                        conv3x3(x, &kernel, y, &mut scratch, (c_in, c_out, hw, hw), gemm::Parallelism::None);
+                        F2.conv3x3(x, &kernel, y, &mut scratch, (c_in, c_out, hw, hw), gemm::Parallelism::None);
                     }
                 })
             };

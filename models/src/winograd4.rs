@@ -18,21 +18,15 @@
 
 use std::mem::MaybeUninit;
 
-use crate::matmul::{matmul, Operand, Write};
 use crate::vector::with_avx2;
+use crate::winograd::{Algorithm, Columns, BLOCK};
 
 /// Entries of a transformed 6x6 tile; the products are one matrix product per entry.
 const ENTRIES: usize = 36;
 
-/// Whether [`conv3x3`] takes a map of `h x w`: it works in 4x4 output tiles.
-pub(crate) fn supports(h: usize, w: usize) -> bool {
-    h > 0 && w > 0 && h.is_multiple_of(4) && w.is_multiple_of(4)
-}
-
-/// The 4x4 output tiles of one `h x w` sample.
-pub(crate) fn tiles(h: usize, w: usize) -> usize {
-    (h / 4) * (w / 4)
-}
+/// Winograd's F(4x4, 3x3).
+pub(crate) const F4: Algorithm<ENTRIES> =
+    Algorithm { tile: 4, kernel_block: transform_kernel_block, input: transform_input, output: transform_output };
 
 /// `G` applied to a kernel's three values along one axis: `G = [[1/4, 0, 0], [-1/6, -1/6, -1/6],
 /// [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]]`.
@@ -57,35 +51,6 @@ fn at([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
     [m0 + sum12 + sum34, diff12 + 2.0 * diff34, sum12 + 4.0 * sum34, diff12 + 8.0 * diff34 + m5]
 }
 
-/// Channel pairs per block of [`transform_kernel`].
-const BLOCK: usize = 64;
-
-/// The kernel `[c_out, c_in, 3, 3]` in the transformed domain: `[36, c_out, c_in]`, matrix `6a + b`
-/// holding entry `(a, b)` of `G g G^T` for every channel pair (computed in f64). It is four times
-/// the kernel's size and made on every call, so it goes in blocks of channel pairs: their taps
-/// gathered into rows, the transform vectorized along the rows, each entry's row copied out whole
-/// (one pair at a time, storing to 36 places apart, it took a tenth of the guided sampling step).
-pub(crate) fn transform_kernel(weight: &[f32], c_out: usize, c_in: usize) -> Vec<f32> {
-    assert_eq!(weight.len(), c_out * c_in * 9, "winograd4: kernel of {c_out}x{c_in}x3x3 expected");
-    let pairs = c_out * c_in;
-    let mut transformed = vec![0f32; ENTRIES * pairs];
-    let mut taps = [[0f64; BLOCK]; 9];
-    let mut block = [[0f32; BLOCK]; ENTRIES];
-    for (first, kernels) in weight.chunks(9 * BLOCK).enumerate().map(|(b, k)| (b * BLOCK, k)) {
-        for (p, k) in kernels.chunks_exact(9).enumerate() {
-            for (tap, &v) in taps.iter_mut().zip(k) {
-                tap[p] = v as f64;
-            }
-        }
-        transform_kernel_block(&taps, &mut block);
-        let n = kernels.len() / 9;
-        for (entry, values) in block.iter().enumerate() {
-            transformed[entry * pairs + first..][..n].copy_from_slice(&values[..n]);
-        }
-    }
-    transformed
-}
-
 /// `G g G^T` for each column `p` of a block of kernels, `taps[3i + j][p]` = `g[i][j]`: entry `(a,
 /// b)` into `block[6a + b][p]`.
 fn transform_kernel_block(taps: &[[f64; BLOCK]; 9], block: &mut [[f32; BLOCK]; ENTRIES]) {
@@ -101,58 +66,6 @@ fn transform_kernel_block(taps: &[[f64; BLOCK]; 9], block: &mut [[f32; BLOCK]; E
             }
         }
     })
-}
-
-/// One thread's buffers for [`conv3x3`], grown on first use and reused.
-#[derive(Default)]
-pub(crate) struct Scratch {
-    /// The transformed input, `[36, c_in, samples * tiles]`.
-    input: Vec<f32>,
-    /// The products, `[36, c_out, samples * tiles]`.
-    products: Vec<f32>,
-}
-
-/// `y = conv2d(x, weight, stride 1, padding 1)` for a group of samples: `x` `[n, c_in, h, w]`, `y`
-/// `[n, c_out, h, w]` (overwritten), `kernel` from [`transform_kernel`]; `threads` is gemm's
-/// parallelism. The samples' tiles sit side by side in each of the 36 products, `[c_out, c_in] x
-/// [c_in, n * tiles]`.
-pub(crate) fn conv3x3(
-    x: &[f32],
-    kernel: &[f32],
-    y: &mut [MaybeUninit<f32>],
-    scratch: &mut Scratch,
-    (c_in, c_out, h, w): (usize, usize, usize, usize),
-    threads: gemm::Parallelism,
-) {
-    assert!(supports(h, w), "winograd4: a {h}x{w} map is not made of 4x4 tiles");
-    let (sample_in, sample_out) = (c_in * h * w, c_out * h * w);
-    let n = x.len() / sample_in.max(1);
-    assert!(x.len() == n * sample_in && y.len() == n * sample_out && kernel.len() == ENTRIES * c_out * c_in);
-    let tiles = tiles(h, w);
-    let columns = n * tiles;
-    scratch.input.resize(ENTRIES * c_in * columns, 0.0);
-    scratch.products.resize(ENTRIES * c_out * columns, 0.0);
-    for (s, x) in x.chunks_exact(sample_in).enumerate() {
-        transform_input(x, &mut scratch.input, Columns { count: columns, first: s * tiles }, c_in, h, w);
-    }
-    for entry in 0..ENTRIES {
-        let u = &kernel[entry * c_out * c_in..][..c_out * c_in];
-        let v = &scratch.input[entry * c_in * columns..][..c_in * columns];
-        let m = &mut scratch.products[entry * c_out * columns..][..c_out * columns];
-        // SAFETY: `m` holds c_out x columns entries, `u` c_out x c_in and `v` c_in x columns.
-        unsafe { matmul(m.as_mut_ptr(), Write::Overwrite, u, Operand::RowMajor, v, Operand::RowMajor, (c_out, c_in, columns), threads) };
-    }
-    for (s, y) in y.chunks_exact_mut(sample_out).enumerate() {
-        transform_output(&scratch.products, y, Columns { count: columns, first: s * tiles }, c_out, h, w);
-    }
-}
-
-/// Where one sample's tiles are in a transformed matrix's rows: `count` columns in all, the
-/// sample's from `first` on.
-#[derive(Clone, Copy)]
-struct Columns {
-    count: usize,
-    first: usize,
 }
 
 /// `V = B^T d B` for every 6x6 patch `d` (rows `4i-1 ..= 4i+4`, columns `4j-1 ..= 4j+4` of the
@@ -322,6 +235,7 @@ fn transpose4([r0, r1, r2, r3]: [std::arch::x86_64::__m128; 4]) -> [std::arch::x
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::winograd;
     use crate::direct_conv::tests::{naive_conv3x3, test_operands};
 
     /// Against a naive convolution: square and oblong maps, 4x4 up to 32x32, odd channel counts,
@@ -332,8 +246,8 @@ mod tests {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
             let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
-            let kernel = transform_kernel(&weight, c_out, c_in);
-            conv3x3(&x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
+            let kernel = F4.transform_kernel(&weight, c_out, c_in);
+            F4.conv3x3(&x, &kernel, &mut y, &mut winograd::Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
             for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
                 let a = unsafe { a.assume_init() };
                 assert!((a as f64 - b).abs() <= 4e-5 * (1.0 + m), "{c_in}x{c_out} {h}x{w}: {a} vs {b}");
@@ -346,14 +260,14 @@ mod tests {
     /// column, which gemm sums in another order: the two differ by rounding (2e-6 here).
     #[test]
     fn group_matches_samples_alone() {
-        let mut scratch = Scratch::default();
+        let mut scratch = winograd::Scratch::default();
         for &(c_in, c_out, h, w, n) in &[(16, 24, 8, 8, 5), (5, 3, 4, 4, 3), (3, 7, 4, 12, 2)] {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let xs: Vec<f32> = (0..n).flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.1 * k as f32))).collect();
-            let kernel = transform_kernel(&weight, c_out, c_in);
+            let kernel = F4.transform_kernel(&weight, c_out, c_in);
             let mut run = |x: &[f32]| {
                 let mut y = vec![MaybeUninit::new(f32::NAN); x.len() / c_in * c_out];
-                conv3x3(x, &kernel, &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
+                F4.conv3x3(x, &kernel, &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
                 y.into_iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
             };
             let together = run(&xs);
@@ -392,12 +306,12 @@ mod timing {
                     })
                     .fold(0f64, f64::max)
             };
-            let (k4, k2) = (transform_kernel(&weight, c_out, c_in), winograd::transform_kernel(&weight, c_out, c_in));
-            let (mut s4, mut s2) = (Scratch::default(), winograd::Scratch::default());
+            let (k4, k2) = (F4.transform_kernel(&weight, c_out, c_in), winograd::F2.transform_kernel(&weight, c_out, c_in));
+            let (mut s4, mut s2) = (winograd::Scratch::default(), winograd::Scratch::default());
             let mut f4 = |group: usize| {
                 best(&mut || {
                     for (x, y) in xs.chunks(group * sample_in).zip(ys.chunks_mut(group * sample_out)) {
-                        conv3x3(x, &k4, y, &mut s4, (c_in, c_out, hw, hw), gemm::Parallelism::None);
+                        F4.conv3x3(x, &k4, y, &mut s4, (c_in, c_out, hw, hw), gemm::Parallelism::None);
                     }
                 })
             };
@@ -405,7 +319,7 @@ mod timing {
             let mut f2 = |group: usize| {
                 best(&mut || {
                     for (x, y) in xs.chunks(group * sample_in).zip(ys.chunks_mut(group * sample_out)) {
-                        winograd::conv3x3(x, &k2, y, &mut s2, (c_in, c_out, hw, hw), gemm::Parallelism::None);
+                        winograd::F2.conv3x3(x, &k2, y, &mut s2, (c_in, c_out, hw, hw), gemm::Parallelism::None);
                     }
                 })
             };
@@ -413,7 +327,7 @@ mod timing {
             let kernel_ms = (0..5)
                 .map(|_| {
                     let t = std::time::Instant::now();
-                    std::hint::black_box(transform_kernel(&weight, c_out, c_in));
+                    std::hint::black_box(F4.transform_kernel(&weight, c_out, c_in));
                     t.elapsed().as_secs_f64() * 1e3
                 })
                 .fold(f64::INFINITY, f64::min);
