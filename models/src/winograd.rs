@@ -315,47 +315,60 @@ fn output_tiles(m: [&[f32]; ENTRIES], top: &mut [MaybeUninit<f32>], bottom: &mut
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::direct_conv::tests::{naive_conv3x3, test_operands};
 
-    /// Against a naive convolution: square and oblong maps, 2x2 up to 32x32, odd channel counts,
-    /// more input channels than gemm's inner block.
-    #[test]
-    fn matches_naive_convolution() {
-        for &(c_in, c_out, h, w) in &[(1, 1, 2, 2), (3, 8, 8, 8), (5, 3, 6, 16), (7, 16, 32, 32), (2, 5, 4, 10), (300, 6, 4, 4), (9, 10, 16, 8)] {
+    /// `algorithm` against a naive convolution on each shape `(c_in, c_out, h, w)`: every output
+    /// within `tolerance` of the magnitude of its terms (a missed or repeated term is off by one
+    /// term's size, about 0.25, far above it).
+    pub(crate) fn assert_matches_naive<const E: usize>(algorithm: &Algorithm<E>, shapes: &[(usize, usize, usize, usize)], tolerance: f64) {
+        for &(c_in, c_out, h, w) in shapes {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
             let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
-            let kernel = F2.transform_kernel(&weight, c_out, c_in);
-            F2.conv3x3(&x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
-            // A missed or repeated term is off by one term's size (about 0.25), far above this.
+            let kernel = algorithm.transform_kernel(&weight, c_out, c_in);
+            algorithm.conv3x3(&x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
             for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
                 let a = unsafe { a.assume_init() };
-                assert!((a as f64 - b).abs() <= 4e-6 * (1.0 + m), "{c_in}x{c_out} {h}x{w}: {a} vs {b}");
+                assert!((a as f64 - b).abs() <= tolerance * (1.0 + m), "{c_in}x{c_out} {h}x{w}: {a} vs {b}");
             }
         }
     }
 
-    /// A group of samples in one call gives each sample what it gets alone (the products see the
-    /// same terms in the same order), however many columns the group makes.
-    #[test]
-    fn group_matches_samples_alone() {
-        for &(c_in, c_out, h, w, n) in &[(5, 3, 4, 4, 3), (16, 24, 8, 8, 5), (3, 7, 2, 6, 2)] {
+    /// For each case `(c_in, c_out, h, w, n)`, a group of `n` samples in one call of `algorithm`
+    /// gives each sample what it gets alone, within `tolerance`, however many columns the group
+    /// makes; one scratch serves every call, so what a larger call left in it must not matter.
+    pub(crate) fn assert_group_matches_samples_alone<const E: usize>(algorithm: &Algorithm<E>, cases: &[(usize, usize, usize, usize, usize)], tolerance: f32) {
+        let mut scratch = Scratch::default();
+        for &(c_in, c_out, h, w, n) in cases {
             let (x, weight) = test_operands(c_in, c_out, h, w);
             let xs: Vec<f32> = (0..n).flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.1 * k as f32))).collect();
-            let kernel = F2.transform_kernel(&weight, c_out, c_in);
-            let run = |x: &[f32]| {
+            let kernel = algorithm.transform_kernel(&weight, c_out, c_in);
+            let mut run = |x: &[f32]| {
                 let mut y = vec![MaybeUninit::new(f32::NAN); x.len() / c_in * c_out];
-                F2.conv3x3(x, &kernel, &mut y, &mut Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
+                algorithm.conv3x3(x, &kernel, &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
                 y.into_iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
             };
             let together = run(&xs);
-            let alone: Vec<f32> = xs.chunks(c_in * h * w).flat_map(run).collect();
+            let alone: Vec<f32> = xs.chunks(c_in * h * w).flat_map(&mut run).collect();
             for (a, b) in together.iter().zip(&alone) {
-                assert!(a.is_finite() && (a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{c_in}x{c_out} {h}x{w} n={n}: {a} vs {b}");
+                assert!(a.is_finite() && (a - b).abs() <= tolerance * (1.0 + b.abs()), "{c_in}x{c_out} {h}x{w} n={n}: {a} vs {b}");
             }
         }
+    }
+
+    /// Square and oblong maps, 2x2 up to 32x32, odd channel counts, more input channels than
+    /// gemm's inner block.
+    #[test]
+    fn matches_naive_convolution() {
+        assert_matches_naive(&F2, &[(1, 1, 2, 2), (3, 8, 8, 8), (5, 3, 6, 16), (7, 16, 32, 32), (2, 5, 4, 10), (300, 6, 4, 4), (9, 10, 16, 8)], 4e-6);
+    }
+
+    /// The products see the same terms in the same order in a group as alone.
+    #[test]
+    fn group_matches_samples_alone() {
+        assert_group_matches_samples_alone(&F2, &[(5, 3, 4, 4, 3), (16, 24, 8, 8, 5), (3, 7, 2, 6, 2)], 1e-6);
     }
 
     /// The scratch buffers carry nothing from one call to the next, even from a larger shape.

@@ -235,47 +235,20 @@ fn transpose4([r0, r1, r2, r3]: [std::arch::x86_64::__m128; 4]) -> [std::arch::x
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::winograd;
-    use crate::direct_conv::tests::{naive_conv3x3, test_operands};
+    use crate::winograd::tests::{assert_group_matches_samples_alone, assert_matches_naive};
 
-    /// Against a naive convolution: square and oblong maps, 4x4 up to 32x32, odd channel counts,
-    /// more input channels than gemm's inner block.
+    /// Square and oblong maps, 4x4 up to 32x32, odd channel counts, more input channels than
+    /// gemm's inner block.
     #[test]
     fn matches_naive_convolution() {
-        for &(c_in, c_out, h, w) in &[(1, 1, 4, 4), (3, 8, 8, 8), (5, 3, 4, 16), (7, 16, 32, 32), (2, 5, 8, 12), (300, 6, 4, 4), (9, 10, 16, 8)] {
-            let (x, weight) = test_operands(c_in, c_out, h, w);
-            let (expected, magnitude) = naive_conv3x3(&x, &weight, (c_in, c_out, h, w));
-            let mut y = vec![MaybeUninit::new(f32::NAN); c_out * h * w];
-            let kernel = F4.transform_kernel(&weight, c_out, c_in);
-            F4.conv3x3(&x, &kernel, &mut y, &mut winograd::Scratch::default(), (c_in, c_out, h, w), gemm::Parallelism::None);
-            for ((a, b), m) in y.iter().zip(&expected).zip(&magnitude) {
-                let a = unsafe { a.assume_init() };
-                assert!((a as f64 - b).abs() <= 4e-5 * (1.0 + m), "{c_in}x{c_out} {h}x{w}: {a} vs {b}");
-            }
-        }
+        assert_matches_naive(&F4, &[(1, 1, 4, 4), (3, 8, 8, 8), (5, 3, 4, 16), (7, 16, 32, 32), (2, 5, 8, 12), (300, 6, 4, 4), (9, 10, 16, 8)], 4e-5);
     }
 
-    /// A group of samples in one call gives each sample what it gets alone, and the scratch
-    /// buffers carry nothing from a larger call to a smaller one. Alone, a 4x4 sample is a single
-    /// column, which gemm sums in another order: the two differ by rounding (2e-6 here).
+    /// Alone, a 4x4 sample is a single column, which gemm sums in another order than a group's
+    /// columns: the two differ by rounding (2e-6 here).
     #[test]
     fn group_matches_samples_alone() {
-        let mut scratch = winograd::Scratch::default();
-        for &(c_in, c_out, h, w, n) in &[(16, 24, 8, 8, 5), (5, 3, 4, 4, 3), (3, 7, 4, 12, 2)] {
-            let (x, weight) = test_operands(c_in, c_out, h, w);
-            let xs: Vec<f32> = (0..n).flat_map(|k| x.iter().map(move |v| v * (1.0 - 0.1 * k as f32))).collect();
-            let kernel = F4.transform_kernel(&weight, c_out, c_in);
-            let mut run = |x: &[f32]| {
-                let mut y = vec![MaybeUninit::new(f32::NAN); x.len() / c_in * c_out];
-                F4.conv3x3(x, &kernel, &mut y, &mut scratch, (c_in, c_out, h, w), gemm::Parallelism::None);
-                y.into_iter().map(|v| unsafe { v.assume_init() }).collect::<Vec<f32>>()
-            };
-            let together = run(&xs);
-            let alone: Vec<f32> = xs.chunks(c_in * h * w).flat_map(&mut run).collect();
-            for (a, b) in together.iter().zip(&alone) {
-                assert!(a.is_finite() && (a - b).abs() <= 2e-5 * (1.0 + b.abs()), "{c_in}x{c_out} {h}x{w} n={n}: {a} vs {b}");
-            }
-        }
+        assert_group_matches_samples_alone(&F4, &[(16, 24, 8, 8, 5), (5, 3, 4, 4, 3), (3, 7, 4, 12, 2)], 2e-5);
     }
 }
 
