@@ -1,10 +1,9 @@
 //! The f32 3x3, stride-1, padding-1 convolutions that the CPU ops run without im2col: Winograd's
 //! F(4x4, 3x3) ([`crate::winograd4`]) for layers of 64 or more channels each way on maps of 32x32
-//! and up; Winograd's F(2x2, 3x3) ([`crate::winograd`]) for the
-//! other layers of 128 or more channels on maps of 8x8 and up (4x4 in groups of samples), or 64
-//! or more on 16x16 and up; else the direct kernel ([`crate::direct_conv`]) where it takes the
-//! shape (it beats im2col + gemm there: 101-112 GFLOP/s on one core against 62-103,
-//! `direct_conv::timing`).
+//! and up; Winograd's F(2x2, 3x3) ([`crate::winograd`]) for the other layers of 128 or more
+//! channels on maps of 8x8 and up (4x4 in groups of samples), or 64 or more on 16x16 and up; else
+//! the direct kernel ([`crate::direct_conv`]) where it takes the shape (it beats im2col + gemm
+//! there: 101-112 GFLOP/s on one core against 62-103, `direct_conv::timing`).
 //!
 //! On one core of this project's 2-core EPYC, over batches of 16 distinct samples
 //! (`winograd::timing`, an ignored test, two runs): F(2x2) did 136-198 GFLOP/s of the direct
@@ -14,7 +13,7 @@
 //! whose second stage is 64 channels at 16x16), at 8x8 it lost (0.97-0.99x). On 4x4 maps one
 //! sample's 4 tiles leave gemm too little (37-48 GFLOP/s on 128-512 channels); 16 samples per call
 //! did 102-169 (128-2048 channels, 138-169 from 256 up), where im2col + gemm did 72-102. F(4x4)
-//! then did 159-262 GFLOP/s where it is chosen (`winograd4::timing`, see [`winograd4_wins`]).
+//! then did 151-267 GFLOP/s where it is chosen (`winograd4::timing`, see [`winograd4_wins`]).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -86,7 +85,7 @@ fn winograd_group(g: &Geometry) -> usize {
 
 impl Conv3x3 {
     /// The prepared kernel when a convolution of geometry `g` with this `weight` runs here: f32, 3x3,
-    /// stride 1, padding 1, and a shape one of the two kernels takes (else im2col + gemm does it).
+    /// stride 1, padding 1, and a shape one of the three kernels takes (else im2col + gemm does it).
     pub(crate) fn plan<T: WithDType>(g: &Geometry, weight: &[T]) -> Option<Self> {
         let square = |a: &crate::conv::AxisGeometry| a.k == 3 && a.stride == 1 && a.padding == 1;
         if !(square(&g.rows) && square(&g.cols)) {
@@ -106,7 +105,7 @@ impl Conv3x3 {
     }
 
     /// How many samples one [`Conv3x3::run`] of geometry `g` (the one planned for) takes: the
-    /// direct kernel goes one sample at a time, Winograd takes up to 16 of a 4x4 map at once.
+    /// direct kernel and F(4x4) go one sample at a time, F(2x2) takes up to 16 of a 4x4 map at once.
     pub(crate) fn group(&self, g: &Geometry) -> usize {
         match self {
             Conv3x3::Direct(_) | Conv3x3::Winograd4(_) => 1,
