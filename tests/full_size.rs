@@ -1,7 +1,9 @@
 //! `convert` on full-size robustness-library checkpoints (CIFAR-10 and ImageNet ResNet-50, random
 //! weights) gives the reference's logits. The checkpoints are ~100 MB each, so they are never
-//! committed: `cargo xtask fixtures --only resnet --full target/fixtures-full` writes them, and this
-//! test skips (saying so) when they are absent. Set BIGROC_FULL_FIXTURES to look elsewhere.
+//! committed: `cargo xtask fixtures --only resnet --full target/fixtures-full` writes them (and
+//! regenerates the committed fixtures too; `xtask/reference/resnet_fixtures.py --skip-small --full
+//! DIR` writes only these), and this test skips (saying so) when they are absent. Set
+//! BIGROC_FULL_FIXTURES to look elsewhere.
 
 mod common;
 
@@ -26,7 +28,11 @@ fn full_size_robustness_checkpoints_convert_exactly() {
         let checkpoint = dir.join(format!("{name}.pt"));
         let check = dir.join(format!("{name}_check.safetensors"));
         if !checkpoint.is_file() || !check.is_file() {
-            println!("SKIPPED: {} absent; make it with `cargo xtask fixtures --only resnet --full {}`", checkpoint.display(), dir.display());
+            println!(
+                "SKIPPED: {} absent; make it with `python xtask/reference/resnet_fixtures.py --skip-small --full {}` (in the reference virtualenv)",
+                checkpoint.display(),
+                dir.display()
+            );
             continue;
         }
         let import = ResNetImport { checkpoint: &checkpoint, depth: 50, dataset, threat_model: None, default_refine_eps: None };

@@ -383,12 +383,9 @@ def full_size(out_dir):
         assert torch.equal(back, logits), "checkpoint round trip through robustness changed the logits"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", metavar="DIR", help="also write full-size checkpoints into DIR (not committed)")
-    args = parser.parse_args()
+def small_fixtures():
+    """The committed fixtures: reduced-width networks, PGD runs, a small checkpoint, max pooling."""
     os.makedirs(FIXTURES, exist_ok=True)
-
     cifar = datasets.CIFAR("/tmp/unused")  # only its mean/std are used; no data is read
     imagenet = datasets.ImageNet("/tmp/unused")
     cifar_mean, cifar_std = cifar.mean.tolist(), cifar.std.tolist()
@@ -427,6 +424,18 @@ def main():
     save(f"{FIXTURES}/resnet_imagenet50.safetensors", tensors, meta)
 
     maxpool_fixture()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", metavar="DIR", help="also write full-size checkpoints into DIR (not committed)")
+    parser.add_argument("--skip-small", action="store_true",
+                        help="with --full: only the full-size files (leaves the committed fixtures as they are)")
+    args = parser.parse_args()
+    if args.skip_small and not args.full:
+        parser.error("--skip-small needs --full DIR")
+    if not args.skip_small:
+        small_fixtures()
     if args.full:
         full_size(args.full)
 
