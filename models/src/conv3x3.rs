@@ -13,7 +13,7 @@
 //! whose second stage is 64 channels at 16x16), at 8x8 it lost (0.97-0.99x). On 4x4 maps one
 //! sample's 4 tiles leave gemm too little (37-48 GFLOP/s on 128-512 channels); 16 samples per call
 //! did 102-169 (128-2048 channels, 138-169 from 256 up), where im2col + gemm did 72-102. F(4x4)
-//! then did 151-267 GFLOP/s where it is chosen (`winograd4::timing`, see [`winograd4_wins`]).
+//! then did 151-267 GFLOP/s where it is chosen (`winograd::timing`, see [`winograd4_wins`]).
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -58,7 +58,7 @@ fn winograd_wins(g: &Geometry) -> bool {
 
 /// Whether Winograd's F(4x4, 3x3) does the layer of geometry `g` (rather than F(2x2)): 64 or more
 /// channels each way on maps of 32x32 and up. There, one sample at a time, it did 1.04-1.14x
-/// F(2x2)'s speed on 64 channels and 1.18-1.47x on 128-384 channels (`winograd4::timing`, four
+/// F(2x2)'s speed on 64 channels and 1.18-1.47x on 128-384 channels (`winograd::timing`, four
 /// runs). On 16x16 maps it gained 0.89-1.33x on one core, but lost on two in a batch of 16 (256
 /// channels: 14-20 ms against 13-14); on 8x8 and 4x4 maps, where a sample has 4 or 1 of its tiles,
 /// it only tied in groups of 4 or 16 samples.

@@ -391,15 +391,20 @@ pub(crate) mod tests {
 mod timing {
     use super::*;
     use crate::direct_conv;
+    use crate::winograd4::F4;
+
+    /// One convolution of a group of samples, `(x, y)`, as the timing repeats it.
+    type Convolve<'a> = dyn FnMut(&[f32], &mut [MaybeUninit<f32>]) + 'a;
 
     /// `cargo test --release -p bigroc-models --lib winograd::timing -- --ignored --nocapture`: one
-    /// core, Winograd against the direct kernel and im2col + gemm, each over a batch of 16 distinct
-    /// samples (Winograd one sample per call and in groups of 4 and 16, as the ops run them), best
-    /// of 5 passes; GFLOP/s of the direct convolution's multiply-adds.
+    /// core, F(2x2) and F(4x4) against the direct kernel and im2col + gemm, each over a batch of 16
+    /// distinct samples (Winograd one sample per call and in groups of 4 and 16, as the ops run
+    /// them), best of 5 passes; GFLOP/s of the direct convolution's multiply-adds. Also the
+    /// shortest of 5 F(4x4) kernel transforms (made on every call, four times the kernel's size).
     #[test]
     #[ignore]
     fn winograd_against_direct() {
-        for &(c_in, c_out, hw) in &[(3, 32, 32), (32, 32, 32), (64, 64, 32), (128, 128, 32), (256, 128, 32), (384, 128, 32), (256, 256, 32), (32, 32, 16), (64, 64, 16), (128, 256, 16), (256, 256, 16), (384, 256, 16), (512, 256, 16), (32, 32, 8), (64, 64, 8), (128, 128, 8), (256, 256, 8), (512, 256, 8), (128, 128, 4), (256, 256, 4), (512, 512, 4)] {
+        for &(c_in, c_out, hw) in &[(3, 32, 32), (32, 32, 32), (64, 64, 32), (128, 128, 32), (256, 128, 32), (384, 128, 32), (256, 256, 32), (32, 32, 16), (64, 64, 16), (128, 128, 16), (128, 256, 16), (256, 256, 16), (384, 256, 16), (512, 256, 16), (32, 32, 8), (64, 64, 8), (128, 128, 8), (256, 256, 8), (512, 256, 8), (512, 512, 8), (128, 128, 4), (256, 256, 4), (512, 512, 4)] {
             let samples = 16;
             let (sample_in, sample_out) = (c_in * hw * hw, c_out * hw * hw);
             let (x, weight) = direct_conv::tests::test_operands(c_in, c_out, hw, hw);
@@ -415,16 +420,25 @@ mod timing {
                     })
                     .fold(0f64, f64::max)
             };
-            let kernel = F2.transform_kernel(&weight, c_out, c_in);
-            let mut scratch = Scratch::default();
-            let mut winograd = |group: usize| {
+            let mut winograd = |convolve: &mut Convolve, group: usize| {
                 best(&mut || {
                     for (x, y) in xs.chunks(group * sample_in).zip(ys.chunks_mut(group * sample_out)) {
-                        F2.conv3x3(x, &kernel, y, &mut scratch, (c_in, c_out, hw, hw), gemm::Parallelism::None);
+                        convolve(x, y);
                     }
                 })
             };
-            let groups = [1, 4, 16].map(&mut winograd);
+            let shape = (c_in, c_out, hw, hw);
+            let (k2, k4) = (F2.transform_kernel(&weight, c_out, c_in), F4.transform_kernel(&weight, c_out, c_in));
+            let mut scratch = Scratch::default();
+            let groups = [1, 4, 16].map(|group| winograd(&mut |x, y| F2.conv3x3(x, &k2, y, &mut scratch, shape, gemm::Parallelism::None), group));
+            let groups4 = [1, 4, 16].map(|group| winograd(&mut |x, y| F4.conv3x3(x, &k4, y, &mut scratch, shape, gemm::Parallelism::None), group));
+            let kernel4_ms = (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(F4.transform_kernel(&weight, c_out, c_in));
+                    t.elapsed().as_secs_f64() * 1e3
+                })
+                .fold(f64::INFINITY, f64::min);
             let direct = if direct_conv::supports(c_out, hw, hw) {
                 let packed = direct_conv::pack_weight(&weight, c_out, c_in);
                 let mut padded = Vec::new();
@@ -450,8 +464,8 @@ mod timing {
                 }
             });
             println!(
-                "{c_in}->{c_out} {hw}x{hw}: winograd {:.1} / {:.1} / {:.1} GFLOP/s (groups of 1 / 4 / 16), direct {direct:.1}, im2col {im2col:.1}",
-                groups[0], groups[1], groups[2]
+                "{c_in}->{c_out} {hw}x{hw}: F(2x2) {:.1} / {:.1} / {:.1}, F(4x4) {:.1} / {:.1} / {:.1} GFLOP/s (groups of 1 / 4 / 16), direct {direct:.1}, im2col {im2col:.1}; F(4x4) kernel transform {kernel4_ms:.2} ms",
+                groups[0], groups[1], groups[2], groups4[0], groups4[1], groups4[2]
             );
         }
     }
