@@ -326,9 +326,10 @@ pub fn bench(root: &Path, o: Options) -> Result<()> {
          multiply-add; elementwise ops, normalization, softmax and reductions are not counted. Both sides' GFLOP/s use \
          that count. Refine: robustness' AttackerModel also runs one more forward, of the attacked batch, for the \
          logits it returns (1/16 of its FLOPs); that forward is in its time but not in the count, which is of the \
-         work both sides do. On CPU bigroc does the wide 3x3 convolutions (128 or more channels each way, 64 on maps of 16x16 and up) with Winograd's \
-         F(2x2, 3x3), 16 multiply-adds where the count has 36, so its GFLOP/s (and share of the peak) are those of \
-         the direct convolution it replaces and can pass 100%."
+         work both sides do. On CPU bigroc does the wide 3x3 convolutions with Winograd: F(4x4, 3x3) for 64 or more \
+         channels each way on maps of 32x32 and up (36 multiply-adds per 4x4 tile where the count has 144), \
+         F(2x2, 3x3) for the others of 128 or more channels, or 64 on maps of 16x16 and up (16 where the count has \
+         36), so its GFLOP/s (and share of the peak) are those of the direct convolution it replaces and can pass 100%."
     );
     match (peak, o.peak_gflops) {
         (Some(p), Some(_)) => println!("Peak: {p} GFLOP/s (--peak-gflops)."),
