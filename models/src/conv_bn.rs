@@ -14,7 +14,8 @@
 //! applied while the sample is in cache. The backward likewise: `g * [y > 0] * scale`, `W^T` times it, col2im (and `g * [y > 0]` for
 //! the residual). The ReLU passes the gradient where its
 //! output is positive, as PyTorch's does (candle's own ReLU also passes it at exactly zero). Other
-//! devices and dtypes compose the same arithmetic from candle ops.
+//! devices and dtypes run the convolution as candle's and the rest as
+//! [`channel_affine`](crate::channel_affine::channel_affine).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -24,6 +25,7 @@ use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
+use crate::channel_affine::channel_affine;
 use crate::conv::{conv2d_const_weight, uses_im2col, Geometry};
 use crate::conv3x3::Conv3x3;
 use crate::vector::CpuFloat;
@@ -86,7 +88,8 @@ pub fn conv2d_bn_eval(
     }
 }
 
-/// The same arithmetic from candle ops (CUDA, half precision): autograd gives the backward.
+/// The convolution, then its epilogue as [`channel_affine`] (one kernel each way on CUDA in f32,
+/// candle ops in half precision): autograd gives the backward.
 #[allow(clippy::too_many_arguments)]
 fn composed(
     x: &Tensor,
@@ -98,19 +101,8 @@ fn composed(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    let c = scale.dim(0)?;
-    let y = conv2d_const_weight(x, weight, stride, padding)?
-        .broadcast_mul(&scale.detach().reshape((1, c, 1, 1))?)?
-        .broadcast_add(&shift.detach().reshape((1, c, 1, 1))?)?;
-    let y = match residual {
-        Some(r) => (y + r)?,
-        None => y,
-    };
-    if relu {
-        y.relu()
-    } else {
-        Ok(y)
-    }
+    let y = conv2d_const_weight(x, weight, stride, padding)?;
+    channel_affine(&y, Some(&scale.detach()), &shift.detach(), residual, relu)
 }
 
 /// The op [`conv2d_bn_eval`] puts in the graph on CPU: input `x` (and the residual as a second

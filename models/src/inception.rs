@@ -18,6 +18,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::channel_affine::channel_affine;
 use crate::conv::conv2d_const_weight;
 
 /// Side of the square input the network was trained on.
@@ -146,7 +147,7 @@ impl ConvBn {
             let x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
             conv2d_const_weight(&x, &self.weight, self.stride, 0)?
         };
-        y.broadcast_add(&self.bias)?.relu()
+        channel_affine(&y, None, &self.bias, None, true)
     }
 }
 

@@ -12,7 +12,8 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::conv::conv2d_trainable;
+use crate::channel_affine::channel_affine;
+use crate::conv::{conv2d_const_weight, conv2d_trainable, uses_im2col};
 use crate::conv_bn::conv2d_bn_eval;
 use crate::group_norm::{group_norm_affine, group_norm_affine_composed};
 
@@ -197,15 +198,17 @@ impl Conv2d {
     }
 
     fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        if self.is_trained() {
-            let y = conv2d_trainable(x, &self.weight, self.stride, self.padding)?.broadcast_add(&self.bias)?;
-            return match residual {
-                Some(r) => y + r,
-                None => Ok(y),
+        if self.is_trained() || !uses_im2col(x) {
+            // Bias and residual as one more op (one kernel on CUDA), not a multiply by ones first.
+            let y = if self.is_trained() {
+                conv2d_trainable(x, &self.weight, self.stride, self.padding)?
+            } else {
+                conv2d_const_weight(x, &self.weight, self.stride, self.padding)?
             };
+            return channel_affine(&y, None, &self.bias, residual, false);
         }
-        // A frozen layer: the bias (and the residual) are added to the convolution's output in place
-        // (`conv2d_bn_eval` with a unit scale).
+        // A frozen layer on the CPU: the bias (and the residual) are added to the convolution's
+        // output in place (`conv2d_bn_eval` with a unit scale).
         let c_out = self.weight.dim(0)?;
         let unit_scale = Tensor::ones(c_out, self.bias.dtype(), self.bias.device())?;
         conv2d_bn_eval(
@@ -268,11 +271,7 @@ impl PointwiseConv1d {
         let x = x.to_dtype(self.conv.dtype())?;
         if self.conv.is_trained() {
             let (weight, bias) = self.conv.pointwise_matrix()?;
-            let y = weight.broadcast_matmul(&x)?.broadcast_add(&bias)?;
-            return match residual {
-                Some(r) => y + r,
-                None => Ok(y),
-            };
+            return channel_affine(&weight.broadcast_matmul(&x)?, None, &bias, residual, false);
         }
         let x = x.unsqueeze(3)?;
         let residual = residual.map(|r| r.unsqueeze(3)).transpose()?;
@@ -532,7 +531,7 @@ impl ResBlock {
             let c = emb_out.dim(1)? / 2;
             self.out_norm.forward_scale_shift_silu(&h, &emb_out.narrow(1, 0, c)?, &emb_out.narrow(1, c, c)?)?
         } else {
-            self.out_norm.forward_silu(&h.broadcast_add(&emb_out)?)?
+            self.out_norm.forward_silu(&channel_affine(&h, None, &emb_out, None, false)?)?
         };
         let skip = match &self.skip {
             Some(conv) => conv.forward(&x)?,
