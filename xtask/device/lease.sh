@@ -11,6 +11,12 @@
 #   bash xtask/device/lease.sh table [NUM [FLAGS]] the sampling table (9 rows of NUM samples, 5000 by
 #                                                  default; FLAGS go to `xtask guidance-table`),
 #                                                  resumable; train-split statistics first
+#   bash xtask/device/lease.sh check              the crate's own CUDA kernels against candle ops, once
+#                                                  per machine (train and table run it first); if it
+#                                                  fails, they go on with BIGROC_CUDA_KERNELS=off
+#   bash xtask/device/lease.sh bench              one diffusion training step (batch 128) with the
+#                                                  crate's kernels and with BIGROC_CUDA_KERNELS=off,
+#                                                  twice each: bench.jsonl (about a minute)
 #   bash xtask/device/lease.sh status
 #
 # Everything lasting lives in $BIGROC_LEASE_STORE (default ~/bigroc-lease), outside the repository
@@ -80,7 +86,7 @@ install() {
 
 status() {
     local f
-    for f in run-on-gpu.sh bigroc-cuda.xz xtask data/train.tar data/test.tar inception.pt; do
+    for f in run-on-gpu.sh bigroc-cuda.xz cuda_kernels_check-cuda.xz diffusion_train_step-cuda.xz xtask data/train.tar data/test.tar inception.pt; do
         if [ -e "$store/$f" ]; then echo "have    $f"; else echo "MISSING $f"; fi
     done
     ls "$store/runs" 2>/dev/null | sed 's/^/run     /'
@@ -110,9 +116,29 @@ start_trainer() {
         --stop-after-minutes "$minutes" > "$store/runs/$name.log" 2>&1 &
 }
 
+# The kernel check, once per machine: a failure is reported and turns the crate's kernels off for
+# every later bigroc run here (candle's own kernels then do the same arithmetic, slower).
+check() {
+    if [ "$device" != cuda ]; then return 0; fi
+    if [ ! -f "$store/kernels.ok" ] && [ ! -f "$store/kernels.off" ]; then
+        if "$store/run-on-gpu.sh" cuda_kernels_check > "$store/kernels-check.log" 2>&1; then
+            touch "$store/kernels.ok"
+        else
+            touch "$store/kernels.off"
+        fi
+        tail -n 2 "$store/kernels-check.log"
+        cp "$store/kernels-check.log" "$out/"
+    fi
+    if [ -f "$store/kernels.off" ]; then
+        echo "check: the crate's CUDA kernels FAILED their check ($store/kernels-check.log); running with BIGROC_CUDA_KERNELS=off"
+        export BIGROC_CUDA_KERNELS=off
+    fi
+}
+
 train() {
     local minutes=$1 name pids=() failed=0
     shift
+    check
     [ $# -gt 0 ] || set -- diffusion vanilla robust
     for name in "$@"; do
         start_trainer "$name" "$minutes"
@@ -127,9 +153,20 @@ train() {
     return "$failed"
 }
 
+bench() {
+    check
+    local round kernels
+    for round in 1 2; do
+        for kernels in on off; do
+            echo "{\"round\": $round, \"kernels\": \"$kernels\", \"step\": $(BIGROC_CUDA_KERNELS=$kernels "$store/run-on-gpu.sh" diffusion_train_step 128 5 "$device")}"
+        done
+    done | tee "$out/bench.jsonl"
+}
+
 table() {
     local num=${1:-5000}
     shift || true
+    check
     if [ ! -f "$store/train-stats.npz" ]; then
         bigroc stats --input "$store/data/train.tar" --output "$store/train-stats.npz" \
             --inception "$store/inception.pt" --device "$device" --batch-size 250
@@ -151,7 +188,9 @@ shift || true
 case "$cmd" in
     install) install ;;
     status) status ;;
+    check) check ;;
+    bench) bench ;;
     train) [ $# -ge 1 ] || { echo "usage: lease.sh train MINUTES [diffusion] [vanilla] [robust]" >&2; exit 2; }; train "$@" ;;
     table) table "$@" ;;
-    *) echo "lease.sh: unknown command $cmd (install, train, table, status)" >&2; exit 2 ;;
+    *) echo "lease.sh: unknown command $cmd (install, check, bench, train, table, status)" >&2; exit 2 ;;
 esac

@@ -46,13 +46,15 @@ pub fn pack(root: &Path, shared: &Path, toolkit: Option<PathBuf>, build: bool) -
                 compute_cap: "90".into(),
                 out: staged.clone(),
                 toolkit,
-                examples: vec![],
+                // `lease.sh check` runs the first before training (the crate's own kernels on this
+                // GPU), `lease.sh bench` the second with and without them.
+                examples: vec!["cuda_kernels_check".into(), "diffusion_train_step".into()],
                 benches: vec![],
                 cudnn: false,
             },
         )?;
     }
-    for needed in ["bigroc-cuda.xz", "run-on-gpu.sh"] {
+    for needed in ["bigroc-cuda.xz", "cuda_kernels_check-cuda.xz", "diffusion_train_step-cuda.xz", "run-on-gpu.sh"] {
         if !staged.join(needed).is_file() {
             bail!("{} is missing: run `cargo xtask lease-pack` without --no-build", staged.join(needed).display());
         }
@@ -67,7 +69,8 @@ pub fn pack(root: &Path, shared: &Path, toolkit: Option<PathBuf>, build: bool) -
     let parts = split_into_parts(&inception, &staged, "inception.pt")?;
 
     let mut items = Vec::new();
-    for name in ["run-on-gpu.sh", "bigroc-cuda.xz", "xtask.xz", "train.tar.xz", "test.tar.xz"] {
+    let payload = ["run-on-gpu.sh", "bigroc-cuda.xz", "cuda_kernels_check-cuda.xz", "diffusion_train_step-cuda.xz", "xtask.xz", "train.tar.xz", "test.tar.xz"];
+    for name in payload {
         items.push(item(&staged.join(name), name.into())?);
     }
     for part in &parts {
