@@ -76,7 +76,8 @@ impl ChannelAffine {
             }
         }
         let spatial = x.elem_count().checked_div(rows).unwrap_or(0);
-        Ok(Self { scale: scale.map(|s| s.detach().flatten_all()).transpose()?, relu, spatial, rows })
+        let scale = scale.map(|s| s.detach().flatten_all()?.to_dtype(x.dtype())).transpose()?;
+        Ok(Self { scale, relu, spatial, rows })
     }
 
     /// The same arithmetic from candle ops: the fallback for other dtypes, and the reference in tests.
