@@ -1,12 +1,18 @@
 //! Checks the crate's CUDA kernels against the same arithmetic from candle ops in f64 on the CPU:
 //! the fused group norm (forward and the gradients of x, scale and shift) and the channel affine
-//! epilogue (forward and the gradients of x, shift and the residual). Needs a GPU and `--features
+//! epilogue (forward and the gradients of x, shift and the residual), and the convolutions built on
+//! the im2col/col2im kernels (forward and the gradients of the input and the kernel, against the
+//! crate's CPU convolution), and the attention's softmax (candle-nn's forward kernel, the crate's
+//! backward). Needs a GPU and `--features
 //! cuda`: `cargo run --release --features cuda --example cuda_kernels_check`. Exits non-zero when a
-//! relative error reaches 1e-4.
+//! relative error reaches 1e-4, after a last line `BIGROC_CUDA_KERNELS=no-KIND,...` naming the kinds
+//! that failed (what `xtask/device/lease.sh` runs with then).
 
 use anyhow::{bail, Result};
 use bigroc_models::channel_affine::channel_affine;
+use bigroc_models::conv::conv2d_trainable;
 use bigroc_models::group_norm::{group_norm_affine, group_norm_affine_composed};
+use bigroc_models::softmax::softmax_last_dim;
 use candle_core::{DType, Device, Tensor, Var};
 
 fn rel_err(a: &Tensor, b: &Tensor) -> Result<f64> {
@@ -30,6 +36,20 @@ fn with_grads(inputs: &[&Tensor], weight: &Tensor, dev: &Device, dtype: DType, f
     Ok(out)
 }
 
+/// The largest relative error seen per kernel kind (`bigroc_models::own_cuda_kernel`'s names).
+#[derive(Default)]
+struct Worst(Vec<(&'static str, f64)>);
+
+impl Worst {
+    fn of(&mut self, kind: &'static str) -> &mut f64 {
+        if let Some(i) = self.0.iter().position(|(k, _)| *k == kind) {
+            return &mut self.0[i].1;
+        }
+        self.0.push((kind, 0.0));
+        &mut self.0.last_mut().expect("just pushed").1
+    }
+}
+
 fn report(what: &str, names: &[&str], want: &[Tensor], got: &[Tensor], worst: &mut f64) -> Result<()> {
     let errs: Vec<f64> = want.iter().zip(got).map(|(w, g)| rel_err(g, w)).collect::<Result<_>>()?;
     let line: Vec<String> = names.iter().zip(&errs).map(|(n, e)| format!("{n} {e:.2e}")).collect();
@@ -41,7 +61,7 @@ fn report(what: &str, names: &[&str], want: &[Tensor], got: &[Tensor], worst: &m
 fn main() -> Result<()> {
     let gpu = Device::new_cuda(0)?;
     let cpu = Device::Cpu;
-    let mut worst: f64 = 0.0;
+    let mut worst = Worst::default();
     for (shape, groups) in [(vec![4, 64, 32, 32], 32), (vec![3, 128, 8, 8], 32), (vec![5, 96, 7, 5], 8), (vec![2, 2048], 32)] {
         for silu in [false, true] {
             let (n, c) = (shape[0], shape[1]);
@@ -51,7 +71,7 @@ fn main() -> Result<()> {
             let weight = Tensor::randn(0f64, 1.0, shape.as_slice(), &cpu)?;
             let want = with_grads(&[&x, &scale, &shift], &weight, &cpu, DType::F64, |t| Ok(group_norm_affine_composed(t[0], groups, 1e-5, t[1], t[2], silu)?))?;
             let got = with_grads(&[&x, &scale, &shift], &weight, &gpu, DType::F32, |t| Ok(group_norm_affine(t[0], groups, 1e-5, t[1], t[2], silu)?))?;
-            report(&format!("group norm {shape:?} groups {groups} silu {silu}"), &["y", "dx", "dscale", "dshift"], &want, &got, &mut worst)?;
+            report(&format!("group norm {shape:?} groups {groups} silu {silu}"), &["y", "dx", "dscale", "dshift"], &want, &got, worst.of("group-norm"))?;
         }
     }
     // The channel affine: on the CPU `channel_affine` composes candle ops, on the GPU it is the kernels.
@@ -72,13 +92,50 @@ fn main() -> Result<()> {
                 };
                 let (want, got) = (run(&cpu, DType::F64)?, run(&gpu, DType::F32)?);
                 let what = format!("channel affine {shape:?} scale {scaled} per-sample {per_sample} residual {with_residual} relu {relu}");
-                report(&what, &["y", "dx", "dshift", "dresidual"], &want, &got, &mut worst)?;
+                report(&what, &["y", "dx", "dshift", "dresidual"], &want, &got, worst.of("channel-affine"))?;
             }
         }
     }
-    println!("worst {worst:.2e}");
-    if !(worst < 1e-4) {
-        bail!("FAIL: a CUDA kernel differs from candle ops by {worst:.2e} (relative), over 1e-4")
+    // The convolutions: on the GPU the im2col/col2im kernels around cuBLAS, on the CPU in f64 the
+    // crate's own im2col path. The networks' kernel sizes, strides and paddings, maps down to 4x4.
+    for (b, c_in, c_out, hw, k, stride, padding) in [
+        (4, 64, 64, (32, 32), 3, 1, 1),
+        (3, 128, 256, (16, 16), 3, 2, 1),
+        (2, 3, 64, (37, 35), 7, 2, 3),
+        (5, 96, 48, (8, 8), 1, 1, 0),
+        (2, 64, 128, (15, 15), 1, 2, 0),
+        (3, 32, 32, (4, 4), 3, 1, 1),
+        (2, 16, 8, (9, 9), 3, 1, 0),
+    ] {
+        let (h, w) = hw;
+        let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
+        let x = Tensor::randn(0f64, 1.0, (b, c_in, h, w), &cpu)?;
+        let kernel = Tensor::randn(0f64, 1.0 / ((c_in * k * k) as f64).sqrt(), (c_out, c_in, k, k), &cpu)?;
+        let weight = Tensor::randn(0f64, 1.0, (b, c_out, oh, ow), &cpu)?;
+        let run = |dev: &Device, dtype: DType| with_grads(&[&x, &kernel], &weight, dev, dtype, |t| Ok(conv2d_trainable(t[0], t[1], stride, padding)?));
+        let (want, got) = (run(&cpu, DType::F64)?, run(&gpu, DType::F32)?);
+        let what = format!("conv {b}x{c_in}x{h}x{w} -> {c_out} kernel {k} stride {stride} padding {padding}");
+        report(&what, &["y", "dx", "dkernel"], &want, &got, worst.of("conv"))?;
+    }
+    // The softmax: on the CPU in f64 composed candle ops, on the GPU candle-nn's kernel forward.
+    for shape in [[8usize, 256, 256], [6, 64, 37], [3, 5, 1000]] {
+        let x = (Tensor::randn(0f64, 1.0, shape.as_slice(), &cpu)? * 8.0)?;
+        let weight = Tensor::randn(0f64, 1.0, shape.as_slice(), &cpu)?;
+        let run = |dev: &Device, dtype: DType| with_grads(&[&x], &weight, dev, dtype, |t| Ok(softmax_last_dim(t[0])?));
+        let (want, got) = (run(&cpu, DType::F64)?, run(&gpu, DType::F32)?);
+        report(&format!("softmax {shape:?}"), &["y", "dx"], &want, &got, worst.of("softmax"))?;
+    }
+    let mut failed = Vec::new();
+    for (kind, err) in &worst.0 {
+        let pass = *err < 1e-4;
+        println!("{kind}: worst {err:.2e} {}", if pass { "PASS" } else { "FAIL" });
+        if !pass {
+            failed.push(format!("no-{kind}"));
+        }
+    }
+    if !failed.is_empty() {
+        println!("BIGROC_CUDA_KERNELS={}", failed.join(","));
+        bail!("FAIL: a CUDA kernel differs from candle ops by more than 1e-4 (relative)")
     }
     println!("PASS");
     Ok(())

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["channel_affine", "group_norm"];
+const KERNELS: &[&str] = &["channel_affine", "group_norm", "im2col"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

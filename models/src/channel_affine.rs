@@ -39,7 +39,7 @@ pub fn channel_affine(x: &Tensor, scale: Option<&Tensor>, shift: &Tensor, residu
 /// arithmetic.
 fn runs_fused(x: &Tensor) -> bool {
     let device = x.device();
-    let on_device = device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda() && crate::own_cuda_kernels());
+    let on_device = device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda() && crate::own_cuda_kernel("channel-affine"));
     on_device && x.dtype() == DType::F32 && x.elem_count() <= i32::MAX as usize
 }
 

@@ -14,7 +14,9 @@
 //!   the way PyTorch does, one gemm gives every output position's contributions to its window
 //!   (`W^T g`) and col2im adds them into the input positions the window covers. The forward is
 //!   im2col and one gemm per sample (or a kernel of `conv3x3.rs`);
-//! * elsewhere (CUDA, half precision) with candle's own forward `conv2d` only: the output gradient,
+//! * on CUDA in f32 by `im2col.rs`: this crate's im2col and col2im kernels around cuBLAS gemms
+//!   (the forward, the input gradient gathered back from `W^T g`, and the kernel gradient);
+//! * elsewhere (half precision) with candle's own forward `conv2d` only: the output gradient,
 //!   spread out with `s - 1` zeros between neighbours for stride `s`, convolved with the weight flipped
 //!   in both spatial dimensions and with in/out channels swapped, padded by `k - 1 - p` (plus one more
 //!   row/column at the far end for input positions past the last window, whose gradient is zero).
@@ -22,7 +24,7 @@
 //! [`conv2d_trainable`] adds the kernel gradient, `sum_n g_n windows_n^T`: on CPU in f32/f64 a gemm
 //! per few samples over their windows gathered side by side (`[c_in * kh * kw, n * oh * ow]`, so that
 //! the contraction stays long where the maps are small), each thread summing its share of the batch,
-//! elsewhere the same contraction with the windows gathered by tensor ops (one
+//! on CUDA in f32 the same contraction over the im2col kernel's columns, elsewhere the same contraction with the windows gathered by tensor ops (one
 //! strided copy per kernel tap) and a device gemm, avoiding candle's dilated-convolution formulation.
 
 use candle_core::backend::BackendStorage;
@@ -91,10 +93,13 @@ pub fn conv2d_trainable(
     )
 }
 
-/// The forward convolution of untracked operands: im2col on CPU in f32/f64, candle's kernel elsewhere.
+/// The forward convolution of untracked operands: im2col on CPU in f32/f64, this crate's im2col
+/// kernel and a batched gemm on CUDA in f32, candle's kernel elsewhere.
 fn conv2d_untracked(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let geometry = Geometry::of_forward(x, weight, stride, padding)?;
-    if uses_im2col(x) {
+    if crate::im2col::runs_on(x) {
+        crate::im2col::forward(x, weight, &geometry)
+    } else if uses_im2col(x) {
         crate::conv_bn::conv2d_per_sample(x, weight, geometry)
     } else {
         x.conv2d(weight, padding, stride, 1, 1)
@@ -103,8 +108,8 @@ fn conv2d_untracked(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) 
 
 /// The kernel gradient of `conv2d(x, weight, stride, padding)` for a `weight` of spatial size
 /// `kernel_hw`, given the gradient `grad` (`[b, c_out, oh, ow]`) of its output: `[c_out, c_in, kh, kw]`,
-/// summed over the batch. f32/f64 on CPU use [`conv2d_weight_grad_im2col`], everything else
-/// [`conv2d_weight_grad_taps`].
+/// summed over the batch. f32/f64 on CPU use [`conv2d_weight_grad_im2col`], f32 on CUDA the im2col
+/// kernel and one gemm, everything else [`conv2d_weight_grad_taps`].
 pub fn conv2d_weight_grad(
     x: &Tensor,
     grad: &Tensor,
@@ -112,7 +117,10 @@ pub fn conv2d_weight_grad(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    if uses_im2col(x) {
+    if crate::im2col::runs_on(x) {
+        let geometry = Geometry::of_weight_grad(x, grad, kernel_hw, stride, padding)?;
+        crate::im2col::weight_grad(x, grad, &geometry)
+    } else if uses_im2col(x) {
         conv2d_weight_grad_im2col(x, grad, kernel_hw, stride, padding)
     } else {
         conv2d_weight_grad_taps(x, grad, kernel_hw, stride, padding)
@@ -343,8 +351,8 @@ fn taps_weight_grad(
 
 /// The input gradient of `conv2d(x, weight, stride, padding)` for an `x` of spatial size `input_hw`,
 /// given the gradient `grad` (`[b, c_out, oh, ow]`) of its output: the adjoint of the convolution
-/// (a transposed convolution). f32/f64 on CPU use [`conv2d_input_grad_col2im`], everything else
-/// [`conv2d_input_grad_conv`].
+/// (a transposed convolution). f32/f64 on CPU use [`conv2d_input_grad_col2im`], f32 on CUDA a
+/// batched gemm and the col2im kernel, everything else [`conv2d_input_grad_conv`].
 pub fn conv2d_input_grad(
     grad: &Tensor,
     weight: &Tensor,
@@ -352,7 +360,10 @@ pub fn conv2d_input_grad(
     stride: usize,
     padding: usize,
 ) -> Result<Tensor> {
-    if uses_im2col(grad) {
+    if crate::im2col::runs_on(grad) {
+        let geometry = Geometry::of_grad(grad, weight, input_hw, stride, padding)?;
+        crate::im2col::input_grad(grad, weight, &geometry)
+    } else if uses_im2col(grad) {
         conv2d_input_grad_col2im(grad, weight, input_hw, stride, padding)
     } else {
         conv2d_input_grad_conv(grad, weight, input_hw, stride, padding)

@@ -61,7 +61,7 @@ pub fn group_norm_affine(
 /// respect to `scale` and `shift` (f32 on CUDA: the kernels of `group_norm_cuda.rs`); elsewhere
 /// only the composed ops are, and training uses those.
 pub fn trains_through_fused(device: &candle_core::Device, dtype: DType) -> bool {
-    cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::F32 && crate::own_cuda_kernels()
+    cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::F32 && crate::own_cuda_kernel("group-norm")
 }
 
 /// The same arithmetic from candle ops, differentiable with respect to every operand (autograd

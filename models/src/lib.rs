@@ -6,6 +6,7 @@ pub mod channel_affine;
 pub mod conv;
 pub mod conv_bn;
 pub mod group_norm;
+mod im2col;
 #[cfg(feature = "cuda")]
 mod group_norm_cuda;
 pub mod inception;
@@ -21,11 +22,17 @@ pub mod resnet;
 pub mod softmax;
 mod train_ops;
 
-/// Whether the crate's own CUDA kernels (`src/cuda/*.cu`: the fused group norm, the channel affine
-/// epilogue) run where they apply. `BIGROC_CUDA_KERNELS=off` makes those ops compose candle's
-/// kernels instead: the same arithmetic, for timing one against the other in one build, or to go
-/// on with a lease if `examples/cuda_kernels_check` fails on a new GPU. Read once.
-pub fn own_cuda_kernels() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| !matches!(std::env::var("BIGROC_CUDA_KERNELS").as_deref(), Ok("off" | "0" | "false")))
+/// Whether the crate's own CUDA kernels of one kind (`"group-norm"`, `"channel-affine"`, `"conv"`:
+/// `src/cuda/*.cu`; `"softmax"`: candle-nn's forward kernel with this crate's backward) run where
+/// they apply. `BIGROC_CUDA_KERNELS=off` makes all of those ops use
+/// candle's kernels instead, `BIGROC_CUDA_KERNELS=no-conv` (a comma-separated list of `no-KIND`)
+/// only the kinds named: the same arithmetic, for timing one against the other in one build, or to
+/// go on with a lease if `examples/cuda_kernels_check` fails on a new GPU. Read once.
+pub fn own_cuda_kernel(kind: &str) -> bool {
+    static SETTING: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let setting = SETTING.get_or_init(|| std::env::var("BIGROC_CUDA_KERNELS").unwrap_or_default());
+    if matches!(setting.as_str(), "off" | "0" | "false") {
+        return false;
+    }
+    !setting.split(',').any(|item| item.trim().strip_prefix("no-") == Some(kind))
 }

@@ -9,20 +9,35 @@
 use std::mem::MaybeUninit;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
-use crate::ops::contiguous_slice;
+use crate::ops::{contiguous_slice, PrecomputedOutput};
 use crate::parallel::for_each_chunk;
 use crate::vector::{exp_f32, lane_sum, lane_sum_zip, with_avx2, LANES};
 
 /// `softmax(x)` over the last dimension, computed in f32 and returned in `x`'s dtype (the
-/// reference's `softmax(w.float()).type(w.dtype)`). CPU f32 runs the fused op; elsewhere candle ops.
+/// reference's `softmax(w.float()).type(w.dtype)`). CPU f32 runs the fused op; CUDA f32 candle-nn's
+/// fused forward kernel (which has no backward of its own) with [`with_softmax_grad`]'s backward;
+/// elsewhere candle ops.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() > 0 && x.dim(D::Minus1)? > 0 {
+    let rows_ok = x.rank() > 0 && x.dim(D::Minus1)? > 0;
+    if x.device().is_cpu() && x.dtype() == DType::F32 && rows_ok {
         x.contiguous()?.apply_op1(Softmax)
+    } else if x.device().is_cuda() && x.dtype() == DType::F32 && rows_ok && crate::own_cuda_kernel("softmax") {
+        with_softmax_grad(x, candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?)
     } else {
         composed(x)
     }
+}
+
+/// `y = softmax(x)` (computed elsewhere, contiguous) put into `x`'s graph with the softmax's input
+/// gradient `y * (g - sum(g * y))` from candle ops: four passes backward where the autograd of
+/// [`composed`] takes about ten. On CUDA this follows candle-nn's forward kernel.
+fn with_softmax_grad(x: &Tensor, y: Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(SoftmaxFromOutput { output: PrecomputedOutput::new(y) })
 }
 
 /// The same from candle ops; autograd gives the backward. The max shift is detached: it is a
@@ -100,6 +115,31 @@ impl CustomOp1 for Softmax {
     }
 }
 
+/// The op [`with_softmax_grad`] puts in the graph: its forward hands over the output computed
+/// before, its backward is composed.
+struct SoftmaxFromOutput {
+    output: PrecomputedOutput,
+}
+
+impl CustomOp1 for SoftmaxFromOutput {
+    fn name(&self) -> &'static str {
+        "bigroc-softmax-from-output"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.output.take_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.output.take_cuda(self.name())
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * grad.broadcast_sub(&dot)?)?))
+    }
+}
+
 /// The input gradient of [`Softmax`], from its output and the output's gradient.
 struct SoftmaxGrad;
 
@@ -156,6 +196,14 @@ mod tests {
             let dx64 = grads.get(x64.as_tensor()).expect("input gradient");
 
             for (name, a, b, scale) in [("output", &y, &y64, 1.0), ("gradient", &dx, dx64, 3.0)] {
+                let err = (a.to_dtype(DType::F64)? - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(err <= 1e-6 * scale, "rows of {len}, {name}: max error {err}");
+            }
+            // The CUDA path's arithmetic on the CPU: candle-nn's forward, the composed backward.
+            let xt = x.as_tensor().transpose(1, 2)?;
+            let y_nn = with_softmax_grad(&xt, candle_nn::ops::softmax_last_dim(&xt.contiguous()?)?)?;
+            let dx_nn = (&y_nn * &g)?.sum_all()?.backward()?.get(x.as_tensor()).expect("input gradient").clone();
+            for (name, a, b, scale) in [("candle-nn output", &y_nn, &y64, 1.0), ("composed gradient", &dx_nn, dx64, 3.0)] {
                 let err = (a.to_dtype(DType::F64)? - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
                 assert!(err <= 1e-6 * scale, "rows of {len}, {name}: max error {err}");
             }

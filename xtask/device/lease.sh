@@ -15,8 +15,9 @@
 #                                                  per machine (train and table run it first); if it
 #                                                  fails, they go on with BIGROC_CUDA_KERNELS=off
 #   bash xtask/device/lease.sh bench              one diffusion training step (batch 128) with the
-#                                                  crate's kernels and with BIGROC_CUDA_KERNELS=off,
-#                                                  twice each: bench.jsonl (about a minute)
+#                                                  crate's kernels, without its convolutions
+#                                                  (BIGROC_CUDA_KERNELS=no-conv) and with none (off),
+#                                                  twice each: bench.jsonl (about 90 s)
 #   bash xtask/device/lease.sh status
 #
 # Everything lasting lives in $BIGROC_LEASE_STORE (default ~/bigroc-lease), outside the repository
@@ -116,8 +117,9 @@ start_trainer() {
         --stop-after-minutes "$minutes" > "$store/runs/$name.log" 2>&1 &
 }
 
-# The kernel check, once per machine: a failure is reported and turns the crate's kernels off for
-# every later bigroc run here (candle's own kernels then do the same arithmetic, slower).
+# The kernel check, once per machine: a failure is reported and turns the failing kinds of the
+# crate's kernels off for every later bigroc run here (candle's own kernels then do the same
+# arithmetic, slower).
 check() {
     if [ "$device" != cuda ]; then return 0; fi
     if [ ! -f "$store/kernels.ok" ] && [ ! -f "$store/kernels.off" ]; then
@@ -126,12 +128,16 @@ check() {
         else
             touch "$store/kernels.off"
         fi
-        tail -n 2 "$store/kernels-check.log"
+        tail -n 5 "$store/kernels-check.log"
         cp "$store/kernels-check.log" "$out/"
     fi
     if [ -f "$store/kernels.off" ]; then
-        echo "check: the crate's CUDA kernels FAILED their check ($store/kernels-check.log); running with BIGROC_CUDA_KERNELS=off"
-        export BIGROC_CUDA_KERNELS=off
+        # The check's last line names the kinds that failed (BIGROC_CUDA_KERNELS=no-conv,...); any
+        # other failure (a crash) turns them all off.
+        local setting
+        setting=$(grep -o '^BIGROC_CUDA_KERNELS=[a-z,-]*$' "$store/kernels-check.log" | tail -n 1 | cut -d= -f2 || true)
+        export BIGROC_CUDA_KERNELS=${setting:-off}
+        echo "check: the crate's CUDA kernels FAILED their check ($store/kernels-check.log); running with BIGROC_CUDA_KERNELS=$BIGROC_CUDA_KERNELS"
     fi
 }
 
@@ -157,7 +163,7 @@ bench() {
     check
     local round kernels
     for round in 1 2; do
-        for kernels in on off; do
+        for kernels in on no-conv off; do
             echo "{\"round\": $round, \"kernels\": \"$kernels\", \"step\": $(BIGROC_CUDA_KERNELS=$kernels "$store/run-on-gpu.sh" diffusion_train_step 128 5 "$device")}"
         done
     done | tee "$out/bench.jsonl"
