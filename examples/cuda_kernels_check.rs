@@ -1,6 +1,7 @@
 //! Checks the crate's CUDA kernels against the same arithmetic from candle ops in f64 on the CPU:
 //! the fused group norm (forward and the gradients of x, scale and shift) and the channel affine
-//! epilogue (forward and the gradients of x, shift and the residual), and the convolutions built on
+//! epilogue (forward and the gradients of x, shift and the residual; and the training-mode batch
+//! norm built on it, against the crate's CPU batch norm), and the convolutions built on
 //! the im2col/col2im kernels (forward and the gradients of the input and the kernel, against the
 //! crate's CPU convolution), and the attention's softmax (candle-nn's forward kernel, the crate's
 //! backward). Needs a GPU and `--features
@@ -12,6 +13,7 @@ use anyhow::{bail, Result};
 use bigroc_models::channel_affine::channel_affine;
 use bigroc_models::conv::conv2d_trainable;
 use bigroc_models::group_norm::{group_norm_affine, group_norm_affine_composed};
+use bigroc_models::ops::batch_norm_train;
 use bigroc_models::softmax::softmax_last_dim;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -95,6 +97,18 @@ fn main() -> Result<()> {
                 report(&what, &["y", "dx", "dshift", "dresidual"], &want, &got, worst.of("channel-affine"))?;
             }
         }
+    }
+    // Training-mode batch norm: on the GPU tensor ops and the channel affine, on the CPU in f64 the
+    // crate's fused CPU batch norm.
+    for shape in [[128usize, 32, 32, 32], [6, 64, 7, 5], [128, 256, 4, 4]] {
+        let c = shape[1];
+        let x = Tensor::randn(0.3f64, 2.0, shape.as_slice(), &cpu)?;
+        let w = Tensor::randn(1f64, 0.3, c, &cpu)?;
+        let b = Tensor::randn(0f64, 0.3, c, &cpu)?;
+        let weight = Tensor::randn(0f64, 1.0, shape.as_slice(), &cpu)?;
+        let run = |dev: &Device, dtype: DType| with_grads(&[&x, &w, &b], &weight, dev, dtype, |t| Ok(batch_norm_train(t[0], t[1], t[2], 1e-5)?.0));
+        let (want, got) = (run(&cpu, DType::F64)?, run(&gpu, DType::F32)?);
+        report(&format!("batch norm (training) {shape:?}"), &["y", "dx", "dweight", "dbias"], &want, &got, worst.of("channel-affine"))?;
     }
     // The convolutions: on the GPU the im2col/col2im kernels around cuBLAS, on the CPU in f64 the
     // crate's own im2col path. The networks' kernel sizes, strides and paddings, maps down to 4x4.

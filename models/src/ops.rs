@@ -11,9 +11,11 @@
 //!   window's gradient to its first maximum in row-major order, as PyTorch does on ties.
 //! * [`batch_norm_train`]: training-mode batch norm from candle ops is right but its backward is slow
 //!   (every broadcast's gradient is a strided reduction over batch and space); this one has the
-//!   closed-form backward.
+//!   closed-form backward, its per-channel passes [`channel_affine`]'s.
 
 use std::sync::Mutex;
+
+use crate::channel_affine::channel_affine;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -431,15 +433,22 @@ pub fn batch_norm_train(
         let y = crate::train_ops::normalize(x, weight, bias, mean_f64, inv_std)?;
         return Ok((y, mean, var));
     }
+    batch_norm_train_tensor_ops(x, weight, bias, eps)
+}
+
+/// [`batch_norm_train`] from tensor ops (CUDA, half precision): per-channel sums of contiguous rows,
+/// and [`channel_affine`] for every per-channel affine pass (one kernel each on CUDA in f32, where
+/// candle's broadcast kernels spend a 64-bit division and modulo per dimension per element). The
+/// centered input is kept for the backward.
+fn batch_norm_train_tensor_ops(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let c = x.dim(1)?;
     let xd = x.detach();
     let mean = channel_mean(&xd)?;
-    let centered = xd.broadcast_sub(&mean)?;
+    let centered = channel_affine(&xd, None, &mean.neg()?, None, false)?;
     let var = channel_mean(&centered.sqr()?)?;
     let inv_std = (&var + eps)?.sqrt()?.recip()?;
     let scale = (&inv_std * weight.detach().reshape((1, c, 1, 1))?)?;
-    let y = centered
-        .broadcast_mul(&scale)?
-        .broadcast_add(&bias.detach().reshape((1, c, 1, 1))?)?;
+    let y = channel_affine(&centered, Some(&scale), &bias.detach(), None, false)?;
     let stats = (mean.flatten_all()?, var.flatten_all()?);
     if !(x.track_op() || weight.track_op() || bias.track_op()) {
         return Ok((y, stats.0, stats.1));
@@ -448,7 +457,7 @@ pub fn batch_norm_train(
         weight,
         bias,
         BatchNormTrain {
-            mean,
+            centered,
             inv_std,
             output: PrecomputedOutput::new(y),
         },
@@ -473,7 +482,9 @@ fn channel_sum(t: &Tensor) -> Result<Tensor> {
 
 /// The op [`batch_norm_train`] puts in the graph; `mean` and `inv_std` are the batch's, `[1, c, 1, 1]`.
 struct BatchNormTrain {
-    mean: Tensor,
+    /// `x - mean`, per channel.
+    centered: Tensor,
+    /// `1 / sqrt(var + eps)`, `[1, c, 1, 1]`.
     inv_std: Tensor,
     output: PrecomputedOutput,
 }
@@ -529,21 +540,19 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = x.dims4()?;
         let m = (n * h * w) as f64;
-        let x_hat = x
-            .detach()
-            .broadcast_sub(&self.mean)?
-            .broadcast_mul(&self.inv_std)?;
-        let grad_bias = channel_sum(grad)?;
-        let grad_weight = channel_sum(&(grad * &x_hat)?)?;
+        let grad = grad.contiguous()?;
+        let grad_bias = channel_sum(&grad)?;
+        // sum g * x_hat, x_hat = centered * inv_std.
+        let grad_weight = (channel_sum(&(&grad * &self.centered)?)? * &self.inv_std)?;
         let grad_x = if x.track_op() {
+            // dx = a * (g - grad_bias / m - x_hat * grad_weight / m), a = weight * inv_std: the
+            // centered input times a per-channel slope plus a per-channel shift, then a * g added.
             let a = (&self.inv_std * weight.detach().reshape((1, c, 1, 1))?)?;
-            let shift = ((&a * &grad_bias)? / m)?;
-            let slope = ((&a * &grad_weight)? / m)?;
-            let dx = grad
-                .broadcast_mul(&a)?
-                .broadcast_sub(&shift)?
-                .sub(&x_hat.broadcast_mul(&slope)?)?;
-            Some(dx)
+            let slope = ((&a * &self.inv_std)? * &grad_weight)?.affine(-1.0 / m, 0.0)?;
+            let shift = (&a * &grad_bias)?.affine(-1.0 / m, 0.0)?;
+            let rest = channel_affine(&self.centered, Some(&slope), &shift, None, false)?;
+            let zero = Tensor::zeros(c, grad.dtype(), grad.device())?;
+            Some(channel_affine(&grad, Some(&a), &zero, Some(&rest), false)?)
         } else {
             None
         };
@@ -559,5 +568,60 @@ impl CustomOp3 for BatchNormTrain {
             per_channel(grad_weight, weight.track_op())?,
             per_channel(grad_bias, bias.track_op())?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()
+    }
+
+    /// The tensor-ops batch norm (CUDA's, run here on the CPU: in f32 through the channel affine's
+    /// CPU op, in f64 through composed candle ops) against the textbook formula in f64 with autograd:
+    /// output, statistics and the gradients of x, weight and bias.
+    #[test]
+    fn tensor_ops_batch_norm_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0.5f64, 2., (3, 4, 5, 6), &dev)?;
+        let w = Tensor::randn(1f64, 0.3, 4, &dev)?;
+        let b = Tensor::randn(0f64, 0.3, 4, &dev)?;
+        let probe = Tensor::randn(0f64, 1., (3, 4, 5, 6), &dev)?;
+        let eps = 1e-5;
+        let run = |dtype: DType, textbook: bool| -> Result<Vec<Tensor>> {
+            let (xv, wv, bv) = (Var::from_tensor(&x.to_dtype(dtype)?)?, Var::from_tensor(&w.to_dtype(dtype)?)?, Var::from_tensor(&b.to_dtype(dtype)?)?);
+            let (xv, wv, bv) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
+            let (y, mean, var) = if textbook {
+                let shape = (1, 4, 1, 1);
+                let m = xv.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+                let centered = xv.broadcast_sub(&m)?;
+                let v = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+                let y = centered
+                    .broadcast_div(&(v.clone() + eps)?.sqrt()?)?
+                    .broadcast_mul(&wv.reshape(shape)?)?
+                    .broadcast_add(&bv.reshape(shape)?)?;
+                (y, m.flatten_all()?, v.flatten_all()?)
+            } else {
+                batch_norm_train_tensor_ops(xv, wv, bv, eps)?
+            };
+            let grads = (&y * probe.to_dtype(dtype)?)?.sum_all()?.backward()?;
+            let mut out = vec![y, mean, var];
+            for t in [xv, wv, bv] {
+                out.push(grads.get(t).expect("every input has a gradient").clone());
+            }
+            Ok(out)
+        };
+        let want = run(DType::F64, true)?;
+        for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-5)] {
+            let got = run(dtype, false)?;
+            for (name, (g, w)) in ["y", "mean", "var", "dx", "dweight", "dbias"].iter().zip(got.iter().zip(&want)) {
+                let err = max_diff(g, w)?;
+                assert!(err < tol, "{dtype:?} {name}: max error {err:.2e}");
+            }
+        }
+        Ok(())
     }
 }
