@@ -177,8 +177,10 @@ table() {
         bigroc stats --input "$store/data/train.tar" --output "$store/train-stats.npz" \
             --inception "$store/inception.pt" --device "$device" --batch-size 250
     fi
-    local status=0
-    "$xtask" guidance-table --bigroc "$bigroc_cmd" --device "$device" \
+    local status=0 carry=()
+    # Rows an earlier lease finished with the same weights, committed to the repository.
+    if [ -d "docs/guidance-table-$num" ]; then carry=(--carry-rows "docs/guidance-table-$num"); fi
+    "$xtask" guidance-table --bigroc "$bigroc_cmd" --device "$device" ${carry[@]+"${carry[@]}"} \
         --model "$(weights_of diffusion-cifar10)" \
         --vanilla "$(weights_of time-classifier-cifar10-vanilla)" \
         --robust "$(weights_of time-classifier-cifar10-robust)" \

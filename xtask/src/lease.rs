@@ -193,7 +193,7 @@ fn assign_to_calls(sizes: &[u64], budget: u64) -> Result<Vec<Vec<usize>>> {
     Ok(calls.into_iter().map(|(_, m)| m).collect())
 }
 
-fn sha256(path: &Path) -> Result<String> {
+pub(crate) fn sha256(path: &Path) -> Result<String> {
     let out = Command::new("sha256sum").arg(path).output().context("sha256sum is needed")?;
     if !out.status.success() {
         bail!("sha256sum {} failed", path.display());

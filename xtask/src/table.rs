@@ -60,6 +60,13 @@ pub struct Options {
     pub dtype: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Finished rows from an earlier machine (a folder with the table's settings.json and its rows'
+    /// ROW.eval.json, ROW.sample.json and ROW.png, e.g. committed after a GPU lease ended): copied
+    /// into --out when made with this table's settings (the same weights by content), so a table
+    /// longer than one lease goes on where the last stopped; a folder of other settings is ignored,
+    /// saying why.
+    #[arg(long)]
+    pub carry_rows: Option<PathBuf>,
 }
 
 /// One row: no guidance, or one classifier at one scale.
@@ -103,6 +110,9 @@ pub fn guidance_table(o: &Options) -> Result<()> {
     fs::create_dir_all(&o.out).with_context(|| format!("cannot create {}", o.out.display()))?;
     check_settings(o)?;
     let all = rows(&o.scales);
+    if let Some(dir) = &o.carry_rows {
+        carry_rows(o, dir, &all)?;
+    }
     for (i, row) in all.iter().enumerate() {
         let name = row.name();
         if o.out.join(format!("{name}.eval.json")).is_file() {
@@ -125,29 +135,41 @@ pub fn guidance_table(o: &Options) -> Result<()> {
     Ok(())
 }
 
-/// What the rows' numbers depend on (the scales are per row, so rows may be added later).
-fn settings(o: &Options) -> Value {
-    serde_json::json!({
-        "model": o.model, "vanilla": o.vanilla, "robust": o.robust,
+/// What the rows' numbers depend on (the scales are per row, so rows may be added later). Weights
+/// are named by content: their paths differ between a lease's own runs and the repository.
+fn settings(o: &Options) -> Result<Value> {
+    Ok(serde_json::json!({
+        "model": identity(&o.model)?, "vanilla": identity(&o.vanilla)?, "robust": identity(&o.robust)?,
         "reference": o.reference.display().to_string(), "num": o.num, "timestep_respacing": o.respacing,
         "seed": o.seed, "dtype": o.dtype,
-    })
+    }))
+}
+
+/// A weights argument as [`settings`] records it: `sha256:HEX` of a local file, else the argument
+/// itself (`hf://...`, `embedded:...`).
+fn identity(weights: &str) -> Result<String> {
+    let path = Path::new(weights);
+    Ok(if path.is_file() { format!("sha256:{}", crate::lease::sha256(path)?) } else { weights.to_string() })
+}
+
+/// The settings that differ between two `settings.json` values, as `key: BEFORE before, NOW now`.
+fn differences(before: &Value, now: &Value) -> Vec<String> {
+    now.as_object()
+        .expect("an object")
+        .iter()
+        .filter(|(k, v)| before.get(k.as_str()) != Some(v))
+        .map(|(k, v)| format!("{k}: {} before, {v} now", before.get(k.as_str()).unwrap_or(&Value::Null)))
+        .collect()
 }
 
 /// Refuses to add rows made with other settings to a table's folder; records them on first use.
 fn check_settings(o: &Options) -> Result<()> {
     let path = o.out.join("settings.json");
-    let now = settings(o);
+    let now = settings(o)?;
     match read_json(&path)? {
         None => crate::write_atomically(&path, serde_json::to_string_pretty(&now)?.as_bytes()),
         Some(before) => {
-            let differing: Vec<String> = now
-                .as_object()
-                .expect("an object")
-                .iter()
-                .filter(|(k, v)| before.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: {} before, {v} now", before.get(k.as_str()).unwrap_or(&Value::Null)))
-                .collect();
+            let differing = differences(&before, &now);
             if differing.is_empty() {
                 Ok(())
             } else {
@@ -155,6 +177,39 @@ fn check_settings(o: &Options) -> Result<()> {
             }
         }
     }
+}
+
+/// Copies the finished rows of `dir` (see `--carry-rows`) that --out lacks, when `dir` was made with
+/// this table's settings.
+fn carry_rows(o: &Options, dir: &Path, all: &[Row]) -> Result<()> {
+    let Some(before) = read_json(&dir.join("settings.json"))? else {
+        eprintln!("--carry-rows {}: no settings.json there, nothing carried", dir.display());
+        return Ok(());
+    };
+    let differing = differences(&before, &settings(o)?);
+    if !differing.is_empty() {
+        eprintln!("--carry-rows {}: rows of other settings ({}), not carried", dir.display(), differing.join("; "));
+        return Ok(());
+    }
+    let mut carried = Vec::new();
+    for row in all {
+        let name = row.name();
+        let finished = |folder: &Path| folder.join(format!("{name}.eval.json")).is_file();
+        if !finished(dir) || finished(&o.out) {
+            continue;
+        }
+        // The evaluation last: it is what marks the row finished.
+        for ext in ["sample.json", "png", "eval.json"] {
+            let from = dir.join(format!("{name}.{ext}"));
+            if from.is_file() {
+                let to = o.out.join(format!("{name}.{ext}"));
+                fs::copy(&from, &to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+            }
+        }
+        carried.push(name);
+    }
+    eprintln!("--carry-rows {}: carried {} finished rows{}{}", dir.display(), carried.len(), if carried.is_empty() { "" } else { ": " }, carried.join(", "));
+    Ok(())
 }
 
 fn sample_args(o: &Options, row: &Row) -> Vec<String> {
@@ -361,6 +416,7 @@ mod tests {
             device: "cuda".into(),
             dtype: "f32".into(),
             seed: 0,
+            carry_rows: None,
         };
         check_settings(&o).unwrap();
         o.scales = vec![0.5, 1.0];
@@ -370,6 +426,63 @@ mod tests {
         let err = check_settings(&o).unwrap_err().to_string();
         fs::remove_dir_all(&out).unwrap();
         assert!(err.contains("num: 5000 before, 100 now"), "{err}");
+    }
+
+    /// Rows carried from an earlier machine's folder count only when made with the same weights
+    /// (by content, whatever their path) and settings; rows already here are kept.
+    #[test]
+    fn carried_rows_need_the_same_weights_and_settings() {
+        let root = std::env::temp_dir().join(format!("bigroc-table-carry-{}", std::process::id()));
+        let (earlier, out) = (root.join("earlier"), root.join("out"));
+        for dir in [&earlier, &out] {
+            fs::create_dir_all(dir).unwrap();
+        }
+        let weights = |name: &str, bytes: &[u8]| {
+            let path = root.join(name);
+            fs::write(&path, bytes).unwrap();
+            path.display().to_string()
+        };
+        let mut o = Options {
+            bigroc: "bigroc".into(),
+            model: weights("unet.safetensors", b"unet"),
+            vanilla: weights("v.safetensors", b"vanilla"),
+            robust: weights("r.safetensors", b"robust"),
+            reference: "ref.npz".into(),
+            inception: None,
+            out: earlier.clone(),
+            num: 5000,
+            scales: vec![1.0],
+            respacing: "ddim50".into(),
+            batch_size: 500,
+            eval_batch_size: 250,
+            device: "cuda".into(),
+            dtype: "f32".into(),
+            seed: 0,
+            carry_rows: None,
+        };
+        check_settings(&o).unwrap();
+        for (file, text) in [("none.eval.json", r#"{"fid": 30.0}"#), ("none.png", "png"), ("vanilla-1.eval.json", r#"{"fid": 20.0}"#)] {
+            fs::write(earlier.join(file), text).unwrap();
+        }
+        // The same weights under another path, and a row already finished here.
+        o.model = weights("unet-copy.safetensors", b"unet");
+        o.out = out.clone();
+        check_settings(&o).unwrap();
+        fs::write(out.join("vanilla-1.eval.json"), r#"{"fid": 21.0}"#).unwrap();
+        carry_rows(&o, &earlier, &rows(&o.scales)).unwrap();
+        let fid = |row: &str| read_json(&out.join(format!("{row}.eval.json"))).unwrap().map(|v| v["fid"].as_f64().unwrap());
+        assert_eq!((fid("none"), fid("vanilla-1"), fid("robust-1")), (Some(30.0), Some(21.0), None));
+        assert!(out.join("none.png").is_file());
+        // Other weights: nothing carried.
+        let other = root.join("other");
+        fs::create_dir_all(&other).unwrap();
+        o.model = weights("unet2.safetensors", b"retrained");
+        o.out = other.clone();
+        check_settings(&o).unwrap();
+        carry_rows(&o, &earlier, &rows(&o.scales)).unwrap();
+        let carried = other.join("none.eval.json").is_file();
+        fs::remove_dir_all(&root).unwrap();
+        assert!(!carried, "rows of other weights were carried");
     }
 
     #[test]
