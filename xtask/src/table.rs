@@ -367,7 +367,15 @@ pub fn render(rows: &[Row], measured: &[Option<Measured>]) -> String {
         }
     }
     if let (Some(v), Some(r)) = (best("vanilla"), best("robust")) {
-        let verdict = if r.1 < v.1 { "has a lower FID than" } else { "does not have a lower FID than" };
+        // Compared as printed: FIDs equal to two decimals are a tie, not a win.
+        let (r_fid, v_fid) = ((r.1 * 100.0).round(), (v.1 * 100.0).round());
+        let verdict = if r_fid < v_fid {
+            "has a lower FID than"
+        } else if r_fid == v_fid {
+            "ties with"
+        } else {
+            "does not have a lower FID than"
+        };
         writeln!(text, "Robust guidance at its best scale {verdict} vanilla at its best ({:.2} vs {:.2}).", r.1, v.1).unwrap();
     }
     text
@@ -394,6 +402,9 @@ mod tests {
         assert!(text.contains("Best vanilla: scale 0.5, FID 28.00."), "{text}");
         assert!(text.contains("Best robust: scale 0.5, FID 27.00."), "{text}");
         assert!(text.contains("has a lower FID than vanilla at its best (27.00 vs 28.00)"), "{text}");
+        // Equal as printed: a tie (the CPU rehearsal of lease.sh once called 587.70 "lower" than 587.70).
+        let text = render(&rows, &[m(30.0), m(28.001), m(29.5), m(27.999), None]);
+        assert!(text.contains("ties with vanilla at its best (28.00 vs 28.00)"), "{text}");
     }
 
     #[test]
