@@ -4,7 +4,8 @@
 //! norm built on it, against the crate's CPU batch norm), and the convolutions built on
 //! the im2col/col2im kernels (forward and the gradients of the input and the kernel, against the
 //! crate's CPU convolution), and the attention's softmax (candle-nn's forward kernel, the crate's
-//! backward). Needs a GPU and `--features
+//! backward), and the fused AdamW and EMA updates (against the same updates from candle ops on the
+//! GPU, which they should equal exactly). Needs a GPU and `--features
 //! cuda`: `cargo run --release --features cuda --example cuda_kernels_check`. Exits non-zero when a
 //! relative error reaches 1e-4, after a last line `BIGROC_CUDA_KERNELS=no-KIND,...` naming the kinds
 //! that failed (what `xtask/device/lease.sh` runs with then).
@@ -14,6 +15,7 @@ use bigroc_models::channel_affine::channel_affine;
 use bigroc_models::conv::conv2d_trainable;
 use bigroc_models::group_norm::{group_norm_affine, group_norm_affine_composed};
 use bigroc_models::ops::batch_norm_train;
+use bigroc_models::optimizer_step::{ema_composed, ema_update, AdamW};
 use bigroc_models::softmax::softmax_last_dim;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -139,6 +141,21 @@ fn main() -> Result<()> {
         let (want, got) = (run(&cpu, DType::F64)?, run(&gpu, DType::F32)?);
         report(&format!("softmax {shape:?}"), &["y", "dx"], &want, &got, worst.of("softmax"))?;
     }
+    // The optimizer updates: one kernel each against candle ops on the same GPU, three AdamW steps.
+    let shape = (129, 65);
+    let on_gpu = |t: Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&gpu)?) };
+    let (mut p, mut m, mut v) = (on_gpu(Tensor::randn(0f64, 1.0, shape, &cpu)?)?, Tensor::zeros(shape, DType::F32, &gpu)?, Tensor::zeros(shape, DType::F32, &gpu)?);
+    let (mut p_ref, mut m_ref, mut v_ref) = (p.clone(), m.clone(), v.clone());
+    for step in 1..=3 {
+        let g = on_gpu((Tensor::randn(0f64, 1.0, shape, &cpu)? * 10f64.powi(step as i32 - 3))?)?;
+        let settings = AdamW { lr: 2e-4, weight_decay: 0.05, beta1: 0.9, beta2: 0.999, eps: 1e-8, step };
+        (p, m, v) = settings.update(&p, &g, &m, &v)?;
+        (p_ref, m_ref, v_ref) = settings.composed(&p_ref, &g, &m_ref, &v_ref)?;
+        let want = [p_ref.clone(), m_ref.clone(), v_ref.clone()];
+        report(&format!("adamw step {step}"), &["p", "exp_avg", "exp_avg_sq"], &want, &[p.clone(), m.clone(), v.clone()], worst.of("optimizer"))?;
+    }
+    let ema = on_gpu(Tensor::randn(0f64, 1.0, shape, &cpu)?)?;
+    report("ema", &["ema"], &[ema_composed(&ema, &p, 0.9995)?], &[ema_update(&ema, &p, 0.9995)?], worst.of("optimizer"))?;
     let mut failed = Vec::new();
     for (kind, err) in &worst.0 {
         let pass = *err < 1e-4;

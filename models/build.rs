@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["channel_affine", "group_norm", "im2col"];
+const KERNELS: &[&str] = &["channel_affine", "group_norm", "im2col", "optimizer_step"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -11,6 +11,7 @@ mod im2col;
 mod group_norm_cuda;
 pub mod inception;
 pub mod ops;
+pub mod optimizer_step;
 mod conv3x3;
 mod direct_conv;
 mod winograd;
@@ -22,8 +23,8 @@ pub mod resnet;
 pub mod softmax;
 mod train_ops;
 
-/// Whether the crate's own CUDA kernels of one kind (`"group-norm"`, `"channel-affine"`, `"conv"`:
-/// `src/cuda/*.cu`; `"softmax"`: candle-nn's forward kernel with this crate's backward) run where
+/// Whether the crate's own CUDA kernels of one kind (`"group-norm"`, `"channel-affine"`, `"conv"`,
+/// `"optimizer"`: `src/cuda/*.cu`; `"softmax"`: candle-nn's forward kernel with this crate's backward) run where
 /// they apply. `BIGROC_CUDA_KERNELS=off` makes all of those ops use
 /// candle's kernels instead, `BIGROC_CUDA_KERNELS=no-conv` (a comma-separated list of `no-KIND`)
 /// only the kinds named: the same arithmetic, for timing one against the other in one build, or to

@@ -143,7 +143,7 @@ impl Ema {
     pub fn update(&mut self, params: &[(String, Var)]) -> Result<()> {
         for ((name, ema), (pname, p)) in self.tensors.iter_mut().zip(params) {
             debug_assert_eq!(name, pname);
-            *ema = ((&*ema * self.rate)? + (p.as_tensor().detach() * (1.0 - self.rate))?)?;
+            *ema = bigroc_models::optimizer_step::ema_update(ema, &p.as_tensor().detach(), self.rate)?;
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Context, Result};
+use bigroc_models::optimizer_step::AdamW;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -90,17 +91,14 @@ impl Optimizer {
                     var.set(&(p - (d * lr)?)?)?;
                 }
                 OptimizerKind::Adamw => {
-                    let p = (p * (1.0 - lr * c.weight_decay))?;
                     let (m, v) = match buffers.as_slice() {
                         [m, v] => (m.clone(), v.clone()),
                         _ => (g.zeros_like()?, g.zeros_like()?),
                     };
-                    let m = ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-                    let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-                    let bias1 = 1.0 - c.beta1.powi(self.steps as i32);
-                    let bias2 = 1.0 - c.beta2.powi(self.steps as i32);
-                    let denom = ((v.sqrt()? / bias2.sqrt())? + c.eps)?;
-                    var.set(&(p - ((&m / denom)? * (lr / bias1))?)?)?;
+                    // One kernel on CUDA in f32, candle ops elsewhere: the same arithmetic.
+                    let settings = AdamW { lr, weight_decay: c.weight_decay, beta1: c.beta1, beta2: c.beta2, eps: c.eps, step: self.steps };
+                    let (p, m, v) = settings.update(p, g, &m, &v)?;
+                    var.set(&p)?;
                     *buffers = vec![m, v];
                 }
             }
