@@ -23,9 +23,10 @@
 //!
 //! [`conv2d_trainable`] adds the kernel gradient, `sum_n g_n windows_n^T`: on CPU in f32/f64 a gemm
 //! per few samples over their windows gathered side by side (`[c_in * kh * kw, n * oh * ow]`, so that
-//! the contraction stays long where the maps are small), each thread summing its share of the batch,
-//! on CUDA in f32 the same contraction over the im2col kernel's columns, elsewhere the same contraction with the windows gathered by tensor ops (one
-//! strided copy per kernel tap) and a device gemm, avoiding candle's dilated-convolution formulation.
+//! the contraction stays long where the maps are small), each thread summing its share of the batch;
+//! on CUDA in f32 the same contraction over the im2col kernel's columns; elsewhere the same
+//! contraction with the windows gathered by tensor ops (one strided copy per kernel tap) and a
+//! device gemm, avoiding candle's dilated-convolution formulation.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
