@@ -407,18 +407,16 @@ mod tests {
         assert!(text.contains("ties with vanilla at its best (28.00 vs 28.00)"), "{text}");
     }
 
-    #[test]
-    fn a_folder_refuses_rows_of_other_settings() {
-        let out = std::env::temp_dir().join(format!("bigroc-table-settings-{}", std::process::id()));
-        fs::create_dir_all(&out).unwrap();
-        let mut o = Options {
+    /// A table of 5,000 samples at scale 1 of the weights `[model, vanilla, robust]` into `out`.
+    fn options([model, vanilla, robust]: [String; 3], out: &Path) -> Options {
+        Options {
             bigroc: "bigroc".into(),
-            model: "unet.safetensors".into(),
-            vanilla: "v.safetensors".into(),
-            robust: "r.safetensors".into(),
+            model,
+            vanilla,
+            robust,
             reference: "ref.npz".into(),
             inception: None,
-            out: out.clone(),
+            out: out.to_path_buf(),
             num: 5000,
             scales: vec![1.0],
             respacing: "ddim50".into(),
@@ -428,7 +426,14 @@ mod tests {
             dtype: "f32".into(),
             seed: 0,
             carry_rows: None,
-        };
+        }
+    }
+
+    #[test]
+    fn a_folder_refuses_rows_of_other_settings() {
+        let out = std::env::temp_dir().join(format!("bigroc-table-settings-{}", std::process::id()));
+        fs::create_dir_all(&out).unwrap();
+        let mut o = options(["unet.safetensors".into(), "v.safetensors".into(), "r.safetensors".into()], &out);
         check_settings(&o).unwrap();
         o.scales = vec![0.5, 1.0];
         o.batch_size = 100;
@@ -453,24 +458,7 @@ mod tests {
             fs::write(&path, bytes).unwrap();
             path.display().to_string()
         };
-        let mut o = Options {
-            bigroc: "bigroc".into(),
-            model: weights("unet.safetensors", b"unet"),
-            vanilla: weights("v.safetensors", b"vanilla"),
-            robust: weights("r.safetensors", b"robust"),
-            reference: "ref.npz".into(),
-            inception: None,
-            out: earlier.clone(),
-            num: 5000,
-            scales: vec![1.0],
-            respacing: "ddim50".into(),
-            batch_size: 500,
-            eval_batch_size: 250,
-            device: "cuda".into(),
-            dtype: "f32".into(),
-            seed: 0,
-            carry_rows: None,
-        };
+        let mut o = options([weights("unet.safetensors", b"unet"), weights("v.safetensors", b"vanilla"), weights("r.safetensors", b"robust")], &earlier);
         check_settings(&o).unwrap();
         for (file, text) in [("none.eval.json", r#"{"fid": 30.0}"#), ("none.png", "png"), ("vanilla-1.eval.json", r#"{"fid": 20.0}"#)] {
             fs::write(earlier.join(file), text).unwrap();
