@@ -17,9 +17,9 @@
 //! Gradients reach `x`, `shift` and `residual`; `scale` is a constant (a folded batch norm of a
 //! frozen network, or none).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use crate::ops::cpu_f32;
 use crate::parallel::for_each_chunk;
 
 /// `relu?(x * scale + shift + residual)` for `x` `[n, c, ...]`; `scale` (when given) and `shift`
@@ -145,14 +145,6 @@ impl ChannelAffine {
     }
 }
 
-/// The f32 values of a CPU operand, contiguous from its layout's offset.
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => crate::ops::contiguous_slice(v, l, op, "operand"),
-        _ => bail!("{op}: f32 only, got {:?}", s.dtype()),
-    }
-}
-
 /// Rows per task of the CPU loops: about 64k elements, so that small tensors stay on one thread.
 fn rows_per_task(spatial: usize) -> usize {
     (65_536 / spatial.max(1)).max(1)
@@ -201,7 +193,7 @@ impl CustomOp2 for ChannelAffine {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, shift: &CpuStorage, sl: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = CustomOp2::name(self);
-        let y = self.cpu(cpu_f32(x, xl, name)?, cpu_f32(shift, sl, name)?, None)?;
+        let y = self.cpu(cpu_f32(x, xl, name, "x")?, cpu_f32(shift, sl, name, "shift")?, None)?;
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -222,7 +214,7 @@ impl CustomOp3 for ChannelAffine {
 
     fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, shift: &CpuStorage, sl: &Layout, r: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = CustomOp3::name(self);
-        let y = self.cpu(cpu_f32(x, xl, name)?, cpu_f32(shift, sl, name)?, Some(cpu_f32(r, rl, name)?))?;
+        let y = self.cpu(cpu_f32(x, xl, name, "x")?, cpu_f32(shift, sl, name, "shift")?, Some(cpu_f32(r, rl, name, "residual")?))?;
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -245,7 +237,7 @@ impl CustomOp2 for ChannelAffineGrad {
     }
 
     fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, y: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (g, y) = (cpu_f32(g, gl, self.name())?, cpu_f32(y, yl, self.name())?);
+        let (g, y) = (cpu_f32(g, gl, self.name(), "dy")?, cpu_f32(y, yl, self.name(), "y")?);
         let scale = self.0.scale_values()?;
         let spatial = self.0.spatial.max(1);
         let task = rows_per_task(spatial) * spatial;
@@ -301,26 +293,15 @@ mod cuda {
 
     use super::ChannelAffine;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage, StorageRef};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/channel_affine.ptx"));
     const MODULE: &str = "bigroc_channel_affine";
-    const THREADS: u32 = 256;
-
-    /// The f32 elements of a contiguous operand from its layout's offset on.
+    /// The f32 elements of a contiguous operand.
     fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-        if !l.is_contiguous() {
-            bail!("channel-affine: {what} is not contiguous")
-        }
-        Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + l.shape().elem_count()))
-    }
-
-    /// Enough blocks to cover `numel` once, at most 65,536 (the loops stride over the rest).
-    fn launch(numel: usize) -> LaunchConfig {
-        let blocks = numel.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        crate::cuda_launch::f32_view(s, l, "channel-affine", what)
     }
 
     /// The constant scale on the op's device, or `None`.
@@ -372,7 +353,7 @@ mod cuda {
             builder.arg(&numel_).arg(&spatial).arg(&scale_len).arg(&shift_len).arg(&has_scale).arg(&has_residual).arg(&relu);
             // SAFETY: the arguments match the kernel's signature; every buffer read holds numel
             // elements, or scale_len and shift_len for the vectors.
-            unsafe { builder.launch(launch(numel)) }.w()?;
+            unsafe { builder.launch(crate::cuda_launch::grid_stride(numel)) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
         }
 
@@ -400,7 +381,7 @@ mod cuda {
             builder.arg(&numel_).arg(&spatial).arg(&scale_len).arg(&has_scale).arg(&relu);
             // SAFETY: the arguments match the kernel's signature; `masked` and `dx` hold numel floats
             // each (without a scale `dx` aliases `masked` and is never written).
-            unsafe { builder.launch(launch(numel)) }.w()?;
+            unsafe { builder.launch(crate::cuda_launch::grid_stride(numel)) }.w()?;
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(total)))
         }
     }

@@ -39,9 +39,9 @@ struct GroupNormCuda {
     silu: bool,
 }
 
-/// The f32 elements of an operand from its layout's offset on.
+/// The f32 elements of a contiguous operand.
 fn f32_view<'a>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, f32>> {
-    Ok(s.as_cuda_slice::<f32>()?.slice(l.start_offset()..))
+    crate::cuda_launch::f32_view(s, l, "group-norm-affine-cuda", "an operand")
 }
 
 /// The kernels' shape arguments: samples, channels, channels per group, positions per channel.

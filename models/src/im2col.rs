@@ -22,10 +22,10 @@
 //! its own in [`crate::conv`]), but what lets the tests check the layouts and the gemms around the
 //! kernels on a machine without a GPU; `examples/cuda_kernels_check` checks the kernels themselves.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
 use crate::conv::Geometry;
+use crate::ops::cpu_f32;
 
 /// Largest column buffer of one chunk, in elements (1 GiB in f32): bounds the extra memory and
 /// keeps the kernels' 32-bit indices in range.
@@ -157,7 +157,7 @@ impl CustomOp1 for Im2Col {
 
     /// The kernel's arithmetic, element by element.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_input(s, l, "im2col")?;
+        let x = cpu_f32(s, l, "im2col", "the input")?;
         let g = &self.g;
         let (rows, cols) = (g.rows, g.cols);
         let (taps, entries, positions) = (rows.k * cols.k, g.taps(), rows.out * cols.out);
@@ -198,7 +198,7 @@ impl CustomOp1 for Col2Im {
 
     /// The kernel's arithmetic: each input position gathers its windows' entries, taps in order.
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let columns = cpu_input(s, l, "col2im")?;
+        let columns = cpu_f32(s, l, "col2im", "the columns")?;
         let g = &self.g;
         let (rows, cols) = (g.rows, g.cols);
         let (taps, positions, area) = (rows.k * cols.k, rows.out * cols.out, rows.n * cols.n);
@@ -233,14 +233,6 @@ fn window_of(i: usize, k: usize, padding: usize, stride: usize, out: usize) -> O
     (t % stride == 0 && t / stride < out).then_some(t / stride)
 }
 
-/// The f32 elements of a contiguous CPU operand.
-fn cpu_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => bail!("{op}: needs a contiguous f32 operand, got {:?}", s.dtype()),
-    }
-}
-
 #[cfg(not(feature = "cuda"))]
 impl Im2Col {
     fn cuda(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -260,6 +252,7 @@ mod cuda {
     //! The launches of `src/cuda/im2col.cu` (compiled to PTX by build.rs).
 
     use super::*;
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
 
@@ -288,15 +281,14 @@ mod cuda {
     impl Im2Col {
         pub(super) fn cuda(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             let g = &self.g;
-            let (start, end) = match l.contiguous_offsets() {
-                Some(o) if l.dims() == [g.b, g.c_in, g.rows.n, g.cols.n] => o,
-                _ => bail!("im2col: needs a contiguous [{}, {}, {}, {}] input, got {:?}", g.b, g.c_in, g.rows.n, g.cols.n, l.dims()),
-            };
+            if l.dims() != [g.b, g.c_in, g.rows.n, g.cols.n] {
+                bail!("im2col: needs a [{}, {}, {}, {}] input, got {:?}", g.b, g.c_in, g.rows.n, g.cols.n, l.dims())
+            }
             if g.rows.stride != g.cols.stride || g.rows.padding != g.cols.padding {
                 bail!("im2col: the kernel takes one stride and one padding for both axes")
             }
             let dev = s.device().clone();
-            let x = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let x = crate::cuda_launch::f32_view(s, l, "im2col", "the input")?;
             let shape = self.shape();
             let (rows, positions) = (g.b * g.taps(), g.rows.out * g.cols.out);
             // SAFETY: the kernel writes every element (zeros where a window lies on padding).
@@ -319,15 +311,14 @@ mod cuda {
         pub(super) fn cuda(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             let g = &self.g;
             let (entries, positions, area) = (g.taps(), g.rows.out * g.cols.out, g.rows.n * g.cols.n);
-            let (start, end) = match l.contiguous_offsets() {
-                Some(o) if l.dims() == [g.b, entries, positions] => o,
-                _ => bail!("col2im: needs contiguous [{}, {entries}, {positions}] columns, got {:?}", g.b, l.dims()),
-            };
+            if l.dims() != [g.b, entries, positions] {
+                bail!("col2im: needs [{}, {entries}, {positions}] columns, got {:?}", g.b, l.dims())
+            }
             if g.rows.stride != g.cols.stride || g.rows.padding != g.cols.padding {
                 bail!("col2im: the kernel takes one stride and one padding for both axes")
             }
             let dev = s.device().clone();
-            let columns = s.as_cuda_slice::<f32>()?.slice(start..end);
+            let columns = crate::cuda_launch::f32_view(s, l, "col2im", "the columns")?;
             let planes = g.b * g.c_in;
             // SAFETY: the kernel writes every element.
             let dx = unsafe { dev.alloc::<f32>(planes * area)? };

@@ -5,6 +5,8 @@ pub mod adm;
 pub mod channel_affine;
 pub mod conv;
 pub mod conv_bn;
+#[cfg(feature = "cuda")]
+mod cuda_launch;
 pub mod group_norm;
 mod im2col;
 #[cfg(feature = "cuda")]

@@ -134,6 +134,15 @@ pub(crate) fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, op: &str, 
     }
 }
 
+/// The f32 elements of a contiguous CPU operand of the custom op `op`; `what` names the operand in
+/// the error.
+pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => contiguous_slice(v, l, op, what),
+        other => bail!("{op}: {what} is {:?}, expected f32", other.dtype()),
+    }
+}
+
 /// Calls `f` with a CPU tensor's elements in place (no copy), for the custom ops that read their
 /// constant operands (a layer's weight) while running; `op` and `what` name them in the error.
 pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(

@@ -7,8 +7,9 @@
 //! arithmetic is the composed one's, rounding for rounding, so the results are equal, not close.
 //! On the CPU (and in other dtypes) the composed ops run: [`AdamW::composed`], [`ema_composed`].
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use crate::ops::cpu_f32;
 
 /// The settings of one AdamW update: the learning rate, decoupled weight decay, the betas and eps,
 /// and the step number (from 1) for the bias corrections.
@@ -126,11 +127,11 @@ impl CustomOp2 for FusedAdamW {
     /// The kernel's arithmetic on the CPU (unused by the trainers, which compose candle ops there;
     /// it lets the tests hold the kernel's order of operations against the composed one).
     fn cpu_fwd(&self, p: &CpuStorage, pl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (p, g) = (cpu_f32(p, pl)?, cpu_f32(g, gl)?);
+        let (p, g) = (cpu_f32(p, pl, "adamw", "the parameter")?, cpu_f32(g, gl, "adamw", "the gradient")?);
         let (m_guard, ml) = self.m.storage_and_layout();
         let (v_guard, vl) = self.v.storage_and_layout();
         let (m, v) = match (&*m_guard, &*v_guard) {
-            (candle_core::Storage::Cpu(m), candle_core::Storage::Cpu(v)) => (cpu_f32(m, ml)?, cpu_f32(v, vl)?),
+            (candle_core::Storage::Cpu(m), candle_core::Storage::Cpu(v)) => (cpu_f32(m, ml, "adamw", "exp_avg")?, cpu_f32(v, vl, "adamw", "exp_avg_sq")?),
             _ => bail!("adamw: the moments are not on the CPU"),
         };
         let [decay, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_sqrt_bias2, eps, lr_over_bias1] = self.scalars;
@@ -159,7 +160,7 @@ impl CustomOp2 for FusedEma {
     }
 
     fn cpu_fwd(&self, ema: &CpuStorage, el: &Layout, p: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (ema, p) = (cpu_f32(ema, el)?, cpu_f32(p, pl)?);
+        let (ema, p) = (cpu_f32(ema, el, "ema", "the average")?, cpu_f32(p, pl, "ema", "the parameter")?);
         let out = ema.iter().zip(p).map(|(e, p)| e * self.rate + p * self.one_minus_rate).collect();
         Ok((CpuStorage::F32(out), el.shape().clone()))
     }
@@ -170,39 +171,20 @@ impl CustomOp2 for FusedEma {
     }
 }
 
-/// The f32 elements of a contiguous CPU operand.
-fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((start, end))) => Ok(&v[start..end]),
-        _ => bail!("optimizer step: needs contiguous f32 operands, got {:?}", s.dtype()),
-    }
-}
-
 #[cfg(feature = "cuda")]
 mod cuda {
     //! The launches of `src/cuda/optimizer_step.cu` (compiled to PTX by build.rs).
 
     use super::{FusedAdamW, FusedEma};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{bail, CudaStorage, Layout, Result, Shape, Storage};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/optimizer_step.ptx"));
     const MODULE: &str = "bigroc_optimizer_step";
-    const THREADS: u32 = 256;
-
     fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-        match l.contiguous_offsets() {
-            Some((start, end)) => Ok(s.as_cuda_slice::<f32>()?.slice(start..end)),
-            None => bail!("optimizer step: the {what} is not contiguous"),
-        }
-    }
-
-    /// Enough blocks to cover `numel` once, at most 65,536 (the loops stride over the rest).
-    fn launch(numel: usize) -> LaunchConfig {
-        let blocks = numel.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        crate::cuda_launch::f32_view(s, l, "optimizer step", what)
     }
 
     pub(super) fn adamw(op: &FusedAdamW, p: &CudaStorage, pl: &Layout, g: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -226,7 +208,7 @@ mod cuda {
         builder.arg(&inv_sqrt_bias2).arg(&eps).arg(&lr_over_bias1);
         // SAFETY: the arguments match the kernel's signature; p, g, m and v hold numel floats (the
         // caller checked their shapes), out 3 * numel.
-        unsafe { builder.launch(launch(numel)) }.w()?;
+        unsafe { builder.launch(crate::cuda_launch::grid_stride(numel)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(3 * numel)))
     }
 
@@ -241,7 +223,7 @@ mod cuda {
         let mut builder = func.builder();
         builder.arg(&es).arg(&ps).arg(&out).arg(&numel_).arg(&op.rate).arg(&op.one_minus_rate);
         // SAFETY: the arguments match the kernel's signature; ema and p hold numel floats.
-        unsafe { builder.launch(launch(numel)) }.w()?;
+        unsafe { builder.launch(crate::cuda_launch::grid_stride(numel)) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), el.shape().clone()))
     }
 }

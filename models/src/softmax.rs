@@ -8,10 +8,9 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
-use crate::ops::{contiguous_slice, PrecomputedOutput};
+use crate::ops::{cpu_f32, PrecomputedOutput};
 use crate::parallel::for_each_chunk;
 use crate::vector::{exp_f32, lane_sum, lane_sum_zip, with_avx2, LANES};
 
@@ -86,20 +85,13 @@ fn softmax_grad_row(dx: &mut [MaybeUninit<f32>], y: &[f32], g: &[f32]) {
     })
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => contiguous_slice(v, l, "softmax", what),
-        other => bail!("softmax: {what} is {:?}, expected f32", other.dtype()),
-    }
-}
-
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
         "bigroc-softmax"
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(x, l, "the input")?;
+        let x = cpu_f32(x, l, "softmax", "the input")?;
         let len = l.dims().last().copied().unwrap_or(1);
         let mut y: Vec<f32> = Vec::with_capacity(x.len());
         for_each_chunk(&mut y.spare_capacity_mut()[..x.len()], len, || (), |_, row, y| {
@@ -152,7 +144,7 @@ impl CustomOp2 for SoftmaxGrad {
         if l.dims() != gl.dims() {
             bail!("softmax: output {:?} and gradient {:?} differ in shape", l.dims(), gl.dims())
         }
-        let (y, g) = (f32_slice(y, l, "the output")?, f32_slice(g, gl, "the gradient")?);
+        let (y, g) = (cpu_f32(y, l, "softmax", "the output")?, cpu_f32(g, gl, "softmax", "the gradient")?);
         let len = l.dims().last().copied().unwrap_or(1);
         let mut dx: Vec<f32> = Vec::with_capacity(y.len());
         for_each_chunk(&mut dx.spare_capacity_mut()[..y.len()], len, || (), |_, row, dx| {
