@@ -580,6 +580,22 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
+/// Training-mode batch norm as the textbook writes it, from broadcast candle ops (autograd gives
+/// its backward): the output and the `[1, c, 1, 1]` batch mean and biased variance. The tests'
+/// reference for the batch norm ops.
+#[cfg(test)]
+pub(crate) fn batch_norm_textbook(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    let shape = (1, x.dim(1)?, 1, 1);
+    let mean = x.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
+    let y = centered
+        .broadcast_div(&(var.clone() + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.reshape(shape)?)?
+        .broadcast_add(&bias.reshape(shape)?)?;
+    Ok((y, mean, var))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,14 +620,7 @@ mod tests {
             let (xv, wv, bv) = (Var::from_tensor(&x.to_dtype(dtype)?)?, Var::from_tensor(&w.to_dtype(dtype)?)?, Var::from_tensor(&b.to_dtype(dtype)?)?);
             let (xv, wv, bv) = (xv.as_tensor(), wv.as_tensor(), bv.as_tensor());
             let (y, mean, var) = if textbook {
-                let shape = (1, 4, 1, 1);
-                let m = xv.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
-                let centered = xv.broadcast_sub(&m)?;
-                let v = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
-                let y = centered
-                    .broadcast_div(&(v.clone() + eps)?.sqrt()?)?
-                    .broadcast_mul(&wv.reshape(shape)?)?
-                    .broadcast_add(&bv.reshape(shape)?)?;
+                let (y, m, v) = batch_norm_textbook(xv, wv, bv, eps)?;
                 (y, m.flatten_all()?, v.flatten_all()?)
             } else {
                 batch_norm_train_tensor_ops(xv, wv, bv, eps)?

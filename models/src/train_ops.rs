@@ -350,14 +350,7 @@ mod tests {
         let fused = add_relu(&y, Some(&r))?;
         let fused_plain = add_relu(&y, None)?;
 
-        let shape = (1, 4, 1, 1);
-        let m = x.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
-        let centered = x.broadcast_sub(&m)?;
-        let v = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(2)?.mean_keepdim(0)?;
-        let y_ref = centered
-            .broadcast_div(&(v.clone() + eps)?.sqrt()?)?
-            .broadcast_mul(&w.reshape(shape)?)?
-            .broadcast_add(&b.reshape(shape)?)?;
+        let (y_ref, m, v) = crate::ops::batch_norm_textbook(&x, &w, &b, eps)?;
         let composed = (&y_ref + r.as_tensor())?.relu()?;
         let composed_plain = y_ref.relu()?;
         assert!(max_diff(&mean, &m.flatten_all()?)? < 1e-12 && max_diff(&var, &v.flatten_all()?)? < 1e-12);
